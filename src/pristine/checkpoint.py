@@ -1,0 +1,58 @@
+"""Resumable training state in safetensors: model weights, optimizer moments, RNG, counters.
+
+Nothing here unpickles. Optimizer state tensors are flattened to keys; its hyper-parameters and the
+caller's counters travel as JSON in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written file under `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_training_state(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, scheduler=None):
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "param_groups": json.dumps(opt["param_groups"]),
+        "extra": json.dumps(extra),
+        "lr_scheduler": json.dumps(scheduler.state_dict() if scheduler is not None else None),
+    }
+    atomic_save(tensors, path, meta)
+
+
+def load_training_state(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    sched_state = json.loads(meta.get("lr_scheduler", "null"))
+    if scheduler is not None and sched_state is not None:
+        scheduler.load_state_dict(sched_state)
+    return json.loads(meta["extra"])

@@ -1,0 +1,208 @@
+"""The `pristine` command line.
+
+Bad input ends with one line on stderr naming what is wrong and what to do, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit status 2, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}")
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
+        return value
+
+    return parse
+
+
+# ---- pristine world render ---------------------------------------------------------------------
+
+
+WORLD_PARTS = ("pretraining", "full", "concepts", "attribute:zigzag", "attribute:gradient", "domain:retro")
+
+
+def cmd_world_render(args) -> None:
+    from .world.export import write_renders
+
+    if args.part not in WORLD_PARTS:
+        raise UsageError(f"--part {args.part!r} is not a part of the world; choose one of {', '.join(WORLD_PARTS)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; give a folder path")
+    path = write_renders(out, n=args.n, seed=args.seed, size=args.size, part=args.part)
+    print(f"wrote {args.n} renders with captions and ground truth to {path}")
+
+
+# ---- pristine mini ... ---------------------------------------------------------------------------
+
+STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped model was trained with
+    "vae": (900, 64, 5e-4),
+    "clip": (900, 128, 5e-4),
+    "oracle": (2500, 128, 2e-3),
+    "unet": (4000, 128, 3e-4),
+}
+
+
+def cmd_mini_pretrain(args) -> None:
+    import torch
+
+    from .mini import pretrain as P
+
+    workdir, out = Path(args.workdir), Path(args.out)
+    steps, batch, lr = STAGE_DEFAULTS[args.stage]
+    settings = P.StageSettings(steps=args.steps or steps, batch_size=batch, lr=lr, checkpoint_every=100,
+                               warmup=200 if args.stage == "unet" else 100)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "oracle":
+        print(json.dumps(P.pretrain_oracle(workdir, out, settings), indent=2))
+        return
+    corpus = P.build_corpus(workdir, args.corpus_size)
+    if args.stage == "vae":
+        P.pretrain_vae(workdir, out, corpus, settings)
+    elif args.stage == "clip":
+        tokenizer_dir = _tokenizer_source(args, out)
+        P.pretrain_clip(workdir, out, corpus, settings, tokenizer_dir)
+    else:
+        for part in ("vae", "text_encoder", "tokenizer"):
+            if not (out / part).exists():
+                raise UsageError(f"{out / part} is missing: run `pristine mini pretrain --stage vae` and `--stage clip` first")
+        P.pretrain_unet(workdir, out, corpus, settings)
+    print(f"stage {args.stage} done: {out}")
+
+
+def _tokenizer_source(args, out: Path) -> Path:
+    """The tokenizer files: from the open_clip BPE file when given, else the ones already in a model folder."""
+    from .mini.tokenizer import write_tokenizer_files
+
+    if args.bpe:
+        if not Path(args.bpe).is_file():
+            raise UsageError(f"--bpe {args.bpe}: no such file; give the path of bpe_simple_vocab_16e6.txt.gz")
+        return write_tokenizer_files(args.bpe, Path(args.workdir) / "tokenizer")
+    for folder in (out / "tokenizer", Path(__file__).parent / "mini" / "model" / "tokenizer"):
+        if (folder / "vocab.json").exists():
+            return folder
+    raise UsageError("no tokenizer files found: pass --bpe PATH/bpe_simple_vocab_16e6.txt.gz (from the open_clip_torch wheel)")
+
+
+def _model_folder(args) -> str:
+    from . import mini
+
+    folder = args.model or mini.path()
+    if not (Path(folder) / "model_index.json").is_file():
+        raise UsageError(f"--model {folder} is not a diffusers model folder (no model_index.json)")
+    if not (Path(folder) / "oracle" / "config.json").is_file():
+        raise UsageError(f"--model {folder} has no oracle/ folder; only pristine-mini models can be scored")
+    return folder
+
+
+def cmd_mini_score(args) -> None:
+    from . import mini
+    from .mini import score as S
+
+    folder = _model_folder(args)
+    oracle = mini.load_oracle(folder)
+    if args.selftest:
+        result = {f"oracle.{k}": v for k, v in S.selftest(oracle, n=args.n, seed=args.seed).items()}
+    else:
+        result = S.score(mini.load_pipeline(folder), oracle, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        width = max(len(k) for k in result)
+        for k, v in result.items():
+            shown = f"{v:.1%}" if isinstance(v, float) and not k.endswith("guidance") else str(v)
+            print(f"{k:<{width}}  {shown}")
+
+
+# ---- pristine demo -------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    path = run_demo(Path(args.out), seed=args.seed)
+    print(f"demo written: {path}")
+
+
+# ---- wiring ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pristine", description="Teach a text-to-image model new concepts without polluting it.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    world = sub.add_parser("world", help="the Shapes world").add_subparsers(dest="world_command", required=True, parser_class=_Parser)
+    render = world.add_parser("render", help="write renders with captions and ground truth (metadata.jsonl)")
+    render.add_argument("--n", type=_positive("--n"), default=16)
+    render.add_argument("--out", required=True)
+    render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--size", type=_positive("--size"), default=32, help="image side in pixels (default 32)")
+    render.add_argument("--part", default="pretraining", help=f"which part of the world: {', '.join(WORLD_PARTS)}")
+    render.set_defaults(func=cmd_world_render)
+
+    mini = sub.add_parser("mini", help="pristine-mini, the embedded model").add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
+    pre = mini.add_parser("pretrain", help="pre-train one stage of pristine-mini (resumes when run again)")
+    pre.add_argument("--stage", required=True, choices=("vae", "clip", "unet", "oracle"))
+    pre.add_argument("--workdir", default="runs/mini", help="checkpoints, logs and the rendered corpus")
+    pre.add_argument("--out", default="runs/mini/model", help="the model folder the stages fill")
+    pre.add_argument("--steps", type=_positive("--steps"), default=None)
+    pre.add_argument("--corpus-size", type=_positive("--corpus-size"), default=60000)
+    pre.add_argument("--threads", type=_positive("--threads"), default=None)
+    pre.add_argument("--bpe", default=None, help="open_clip's bpe_simple_vocab_16e6.txt.gz, to build the tokenizer")
+    pre.set_defaults(func=cmd_mini_pretrain)
+
+    score = mini.add_parser("score", help="generate from fresh prompts and print the oracle's per-attribute accuracy")
+    score.add_argument("--n", type=_positive("--n"), default=200, help="prompts per kind (single- and two-object)")
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--json", action="store_true")
+    score.add_argument("--selftest", action="store_true", help="the oracle's own accuracy on fresh renders instead")
+    score.add_argument("--steps", type=_positive("--steps"), default=50)
+    score.add_argument("--guidance", type=float, default=5.0)
+    score.add_argument("--model", default=None, help="a pristine-mini model folder (default: the embedded one)")
+    score.set_defaults(func=cmd_mini_score)
+
+    demo = sub.add_parser("demo", help="the demo on pristine-mini: writes out/demo/index.html")
+    demo.add_argument("--out", default="out/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # pristine never fetches: a stray hub call fails fast
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""pristine-mini: the small Stable-Diffusion-format model that ships inside the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_DIR = Path(__file__).parent / "model"
+
+
+def path() -> str:
+    """The model folder: StableDiffusionPipeline.from_pretrained(pristine.mini.path()) loads it offline."""
+    if not (MODEL_DIR / "model_index.json").exists():
+        raise FileNotFoundError(f"pristine-mini weights are missing from {MODEL_DIR}; run `pristine mini pretrain`")
+    return str(MODEL_DIR)
+
+
+def load_pipeline(folder: str | Path | None = None, dtype=None):
+    """The text-to-image pipeline in float32 (the weights are stored in float16 to keep the package small)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        str(folder or path()), torch_dtype=dtype or torch.float32, local_files_only=True, safety_checker=None
+    )
+
+
+def load_oracle(folder: str | Path | None = None):
+    from .oracle import Oracle
+
+    return Oracle.load(Path(folder or path()) / "oracle")
+
+
+def load_clip(folder: str | Path | None = None):
+    """The whole mini CLIP (text and image towers) with its processor, for CLIP-T / CLIP-I."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    clip_dir = Path(folder or path()) / "clip"
+    model = CLIPModel.from_pretrained(str(clip_dir), torch_dtype=torch.float32, local_files_only=True).eval()
+    return model, CLIPProcessor.from_pretrained(str(clip_dir), local_files_only=True)
