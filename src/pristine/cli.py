@@ -55,10 +55,10 @@ def cmd_world_render(args) -> None:
 # ---- pristine mini ... ---------------------------------------------------------------------------
 
 STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped model was trained with
-    "vae": (900, 64, 5e-4),
+    "vae": (4800, 16, 1e-3),
     "clip": (900, 128, 5e-4),
     "oracle": (2500, 128, 2e-3),
-    "unet": (4000, 128, 3e-4),
+    "unet": (3600, 128, 3e-4),
 }
 
 
@@ -78,16 +78,17 @@ def cmd_mini_pretrain(args) -> None:
     if args.stage == "oracle":
         print(json.dumps(P.pretrain_oracle(workdir, out, settings), indent=2))
         return
+    if args.stage == "unet":
+        for part in ("vae", "text_encoder", "tokenizer"):
+            if not (out / part).exists():
+                raise UsageError(f"{out / part} is missing: run `pristine mini pretrain --stage vae` and `--stage clip` first")
+    tokenizer_dir = _tokenizer_source(args, out) if args.stage == "clip" else None
     corpus = P.build_corpus(workdir, args.corpus_size)
     if args.stage == "vae":
         P.pretrain_vae(workdir, out, corpus, settings)
     elif args.stage == "clip":
-        tokenizer_dir = _tokenizer_source(args, out)
         P.pretrain_clip(workdir, out, corpus, settings, tokenizer_dir)
     else:
-        for part in ("vae", "text_encoder", "tokenizer"):
-            if not (out / part).exists():
-                raise UsageError(f"{out / part} is missing: run `pristine mini pretrain --stage vae` and `--stage clip` first")
         P.pretrain_unet(workdir, out, corpus, settings)
     print(f"stage {args.stage} done: {out}")
 
@@ -136,6 +137,14 @@ def cmd_mini_score(args) -> None:
             print(f"{k:<{width}}  {shown}")
 
 
+def cmd_mini_card(args) -> None:
+    from .mini.card import plot_losses, sample_grid
+
+    out = Path(args.out)
+    print(plot_losses(Path(args.workdir), out / "mini_losses.png"))
+    print(sample_grid(out / "mini_samples.png", folder=args.model))
+
+
 # ---- pristine demo -------------------------------------------------------------------------------
 
 
@@ -182,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--guidance", type=float, default=5.0)
     score.add_argument("--model", default=None, help="a pristine-mini model folder (default: the embedded one)")
     score.set_defaults(func=cmd_mini_score)
+
+    card = mini.add_parser("card", help="loss curves and a sample grid for the model card")
+    card.add_argument("--workdir", default="runs/mini")
+    card.add_argument("--out", default="docs")
+    card.add_argument("--model", default=None)
+    card.set_defaults(func=cmd_mini_card)
 
     demo = sub.add_parser("demo", help="the demo on pristine-mini: writes out/demo/index.html")
     demo.add_argument("--out", default="out/demo")

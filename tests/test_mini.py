@@ -1,0 +1,121 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pristine.mini as mini
+from pristine.world import PRETRAINING_WORLD, render
+from pristine.world.captions import caption
+from pristine.world.concepts import DEV_CONCEPTS
+
+MODEL = Path(mini.path())
+
+
+def test_folder_is_a_stable_diffusion_model_of_fp16_safetensors_within_60mb():
+    index = json.loads((MODEL / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "clip", "oracle"):
+        assert (MODEL / part).is_dir(), part
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert len(weights) == 5
+    assert sum(p.stat().st_size for p in weights) <= 60 * 2**20
+    from safetensors import safe_open
+
+    for p in weights:
+        with safe_open(str(p), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes <= {"F16", "I64"}, (p, dtypes)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(mini.path(), torch_dtype=torch.float32, local_files_only=True)
+
+
+def test_loads_offline_through_diffusers_and_generates(pipe):
+    out = pipe(["a big red star on the left, on grass"] * 2, num_inference_steps=3, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (2, 32, 32, 3)
+    assert np.isfinite(out.images).all() and out.images.std() > 0.02
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_vae_maps_32px_images_to_4x8x8_latents_and_back(pipe):
+    scene = PRETRAINING_WORLD.sample(np.random.default_rng(0))
+    x = torch.from_numpy(render(scene)[0]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        z = pipe.vae.encode(x).latent_dist.mean
+        back = pipe.vae.decode(z).sample
+    assert z.shape == (1, 4, 8, 8)
+    assert (back - x).abs().mean() < 0.1  # reconstructs, not just shapes right
+
+
+def test_tokenizer_round_trips_english_and_added_tokens(pipe):
+    tok = pipe.tokenizer
+    text = "a photo of a big red star on grass, naïve café — 42 times!"
+    ids = tok(text).input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True).replace(" ,", ",").replace(" !", "!") == text.lower()
+    assert tok("a photo of a dog").input_ids == [49406, 320, 1125, 539, 320, 1929, 49407]  # Stable Diffusion's ids
+    n = len(tok)
+    tok.add_tokens(["<v1>", "<v2>"])
+    ids = tok("a <v1> star next to a <v2> circle").input_ids
+    assert n in ids and n + 1 in ids
+    assert tok.convert_ids_to_tokens(ids)[2] == "<v1>"
+    pipe.text_encoder.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        h = pipe.text_encoder(torch.tensor([ids])).last_hidden_state
+    assert h.shape == (1, len(ids), pipe.unet.config.cross_attention_dim)
+
+
+def test_whole_clip_matches_captions_to_their_images():
+    model, processor = mini.load_clip()
+    rng = np.random.default_rng(11)
+    scenes = [PRETRAINING_WORLD.sample(rng) for _ in range(32)]
+    images = [render(s)[0] for s in scenes]
+    inputs = processor(text=[caption(s) for s in scenes], images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    top1 = (logits.argmax(1) == torch.arange(32)).float().mean().item()
+    assert top1 > 0.3  # chance is 1/32
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return mini.load_oracle()
+
+
+def test_oracle_selftest_on_a_small_sample(oracle):
+    from pristine.mini.score import selftest
+
+    acc = selftest(oracle, n=300, seed=777)
+    for attribute in ("shape", "color", "size", "position", "pattern", "background", "style"):
+        assert acc[attribute] >= 0.95, (attribute, acc)
+
+
+def test_oracle_reads_a_render(oracle):
+    scene = PRETRAINING_WORLD.sample(np.random.default_rng(21), n_objects=1)
+    reading = oracle.read([render(scene)[0]])[0]
+    obj = scene.objects[0]
+    assert len(reading["objects"]) == 1
+    assert {k: reading["objects"][0][k] for k in ("shape", "color", "position")} == {
+        "shape": obj.shape, "color": obj.color, "position": obj.position}
+    assert reading["background"] == scene.background
+
+
+def test_oracle_embedding_tells_concepts_apart(oracle):
+    rng = np.random.default_rng(3)
+    hits = 0
+    for concept in DEV_CONCEPTS:
+        others = [c for c in DEV_CONCEPTS if c.name != concept.name]
+        refs = oracle.embedding([render(s)[0] for s in concept.references(5)])
+        own = oracle.embedding([render(concept.scene(rng))[0] for _ in range(4)])
+        other = oracle.embedding([render(others[k].scene(rng))[0] for k in range(4)])
+        hits += int((own @ refs.T).mean() > (other @ refs.T).mean())
+    assert hits == len(DEV_CONCEPTS)
