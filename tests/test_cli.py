@@ -94,6 +94,17 @@ def test_mini_pretrain_stage_runs_resumes_and_checks_order(tmp_path, capsys):
     assert_usage_error(*run(capsys, "mini", "pretrain", "--stage", "unet", "--workdir", str(work), "--out", str(out))[::2],
                        "text_encoder")
     assert_usage_error(*run(capsys, "mini", "pretrain", "--stage", "paint")[::2], "--stage")
+    # the remaining stages, two steps each, make a model folder diffusers loads
+    for stage in ("clip", "unet", "oracle"):
+        code, _, err = run(capsys, "mini", "pretrain", "--stage", stage, "--steps", "2", "--corpus-size", "64",
+                           "--workdir", str(work), "--out", str(out))
+        assert code == 0, err
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, torch_dtype=torch.float32)
+    assert pipe("a red star", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    assert (out / "oracle" / "selftest.json").is_file()
 
 
 def test_console_entry_point_reports_errors_without_traceback(tmp_path):

@@ -38,7 +38,6 @@ SCHEDULER_CONFIG = dict(
     beta_schedule="scaled_linear",
     prediction_type="epsilon",
     clip_sample=False,
-    set_alpha_to_one=False,
     steps_offset=1,
 )
 

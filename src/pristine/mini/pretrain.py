@@ -415,7 +415,7 @@ def pretrain_oracle(workdir: Path, out: Path, settings: StageSettings, n_train: 
 
     run_stage("oracle", workdir, oracle, list(oracle.parameters()), settings, loss_fn)
     oracle.eval()
-    test_images, _, test_scenes = labelled_renders(2000, seed=settings.seed + 999)
+    test_images, _, test_scenes = labelled_renders(min(2000, n_train), seed=settings.seed + 999)
     acc = accuracy(oracle, test_images, test_scenes)
     oracle.save(out / "oracle")
     (out / "oracle" / "selftest.json").write_text(json.dumps(acc, indent=2))
