@@ -63,7 +63,7 @@ def test_mini_score_selftest_json(capsys):
     code, out, _ = run(capsys, "mini", "score", "--selftest", "--n", "100", "--json")
     assert code == 0
     result = json.loads(out)
-    assert set(result) >= {"oracle.shape", "oracle.color", "oracle.background", "oracle.position"}
+    assert set(result) >= {"oracle.base.shape", "oracle.base.color", "oracle.full.background", "oracle.full.position"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
 
 

@@ -11,9 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """A user mistake: reported as one line, exit status 2, no traceback."""
+from .errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,6 +143,86 @@ def cmd_mini_card(args) -> None:
     print(sample_grid(out / "mini_samples.png", folder=args.model))
 
 
+# ---- pristine train / sample --------------------------------------------------------------------
+
+# flag -> config key, for the flags that map one to one
+TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
+               "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
+               "class_prompt", "checkpoint_every", "sample_every", "resume")
+METHOD_FLAGS = ("rank", "alpha", "vectors")
+
+
+def train_config_from_args(args):
+    from .train import TrainConfig, load_config_file
+
+    values = load_config_file(args.config) if args.config else {}
+    where = args.config or "flags"
+    for key in TRAIN_FLAGS:
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    for key in ("prior_preservation", "gradient_checkpointing", "use_8bit_adam"):
+        if getattr(args, key):
+            values[key] = True
+    if args.no_flip:
+        values["flip"] = False
+    if args.sample_prompt:
+        values["sample_prompts"] = args.sample_prompt
+    if args.export:
+        values["export"] = args.export
+    method_args = dict(values.get("method_args") or {})
+    for key in METHOD_FLAGS:
+        if getattr(args, key) is not None:
+            method_args[key] = getattr(args, key)
+    for item in args.method_arg or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--method-arg {item!r}: expected KEY=VALUE")
+        method_args[key] = yaml_scalar(value)
+    if method_args:
+        values["method_args"] = method_args
+    if args.images or args.token or args.class_word:
+        if not (args.images and args.token and args.class_word):
+            raise UsageError("--images, --token and --class-word go together; give all three (or a concepts list in --config)")
+        values["concepts"] = [{"images": args.images, "token": args.token, "class_word": args.class_word}]
+    return TrainConfig.from_dict(values, where)
+
+
+def yaml_scalar(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    out = train(train_config_from_args(args))
+    print(f"run written to {out}")
+
+
+def cmd_sample(args) -> None:
+    from .sample import grid_for_prompts, load_pipeline, run_tokens
+
+    if args.adapter:
+        tokens = run_tokens(Path(args.adapter))
+        for prompt in args.prompt:
+            if tokens and not any(t in prompt for t in tokens) and not args.no_token_ok:
+                raise UsageError(f"prompt {prompt!r} does not name the run's token ({', '.join(tokens)}); "
+                                 "add it, or pass --no-token-ok to sample without it")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: give a .png path for the grid")
+    pipe = load_pipeline(args.model, args.adapter)
+    grid = grid_for_prompts(pipe, args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                            scheduler=args.scheduler)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, out)
+    print(f"grid written to {out}")
+
+
 # ---- pristine demo -------------------------------------------------------------------------------
 
 
@@ -197,6 +275,55 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--out", default="docs")
     card.add_argument("--model", default=None)
     card.set_defaults(func=cmd_mini_card)
+
+    tr = sub.add_parser("train", help="teach a model a concept: LoRA, DreamBooth, Textual Inversion, Custom Diffusion")
+    tr.add_argument("--config", help="a YAML file of settings; flags override it")
+    tr.add_argument("--model", help="'mini' (default) or a local diffusers model folder")
+    tr.add_argument("--images", help="folder of the concept's images")
+    tr.add_argument("--token", help="the new token that names the concept, e.g. <v1>")
+    tr.add_argument("--class-word", help="the concept's class, e.g. star")
+    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion")
+    tr.add_argument("--out", help="the run folder")
+    tr.add_argument("--steps", type=_positive("--steps"))
+    tr.add_argument("--batch-size", type=_positive("--batch-size"))
+    tr.add_argument("--gradient-accumulation", type=_positive("--gradient-accumulation"))
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--lr-scheduler")
+    tr.add_argument("--warmup-steps", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--mixed-precision", help="no, fp16 or bf16")
+    tr.add_argument("--resolution", type=_positive("--resolution"))
+    tr.add_argument("--crop", help="center or random")
+    tr.add_argument("--no-flip", action="store_true")
+    tr.add_argument("--prior-preservation", action="store_true")
+    tr.add_argument("--prior-weight", type=float)
+    tr.add_argument("--num-class-images", type=_positive("--num-class-images"))
+    tr.add_argument("--class-prompt")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--use-8bit-adam", action="store_true")
+    tr.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"))
+    tr.add_argument("--sample-every", type=int)
+    tr.add_argument("--sample-prompt", action="append")
+    tr.add_argument("--export", action="append", help="extra output formats: kohya")
+    tr.add_argument("--resume", help="'latest' or a checkpoint file")
+    tr.add_argument("--rank", type=_positive("--rank"))
+    tr.add_argument("--alpha", type=float)
+    tr.add_argument("--vectors", type=_positive("--vectors"))
+    tr.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's own settings")
+    tr.set_defaults(func=cmd_train)
+
+    sa = sub.add_parser("sample", help="image grids from a model and a run's outputs")
+    sa.add_argument("--model", default="mini")
+    sa.add_argument("--adapter", help="a run folder (LoRA, embeddings, custom diffusion or a full model)")
+    sa.add_argument("--prompt", action="append", required=True)
+    sa.add_argument("--n", type=_positive("--n"), default=4, help="images per prompt")
+    sa.add_argument("--out", required=True, help="the grid, a .png")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--steps", type=_positive("--steps"), default=50)
+    sa.add_argument("--guidance", type=float, default=5.0)
+    sa.add_argument("--scheduler", default="ddim", help="ddim, euler or ddpm")
+    sa.add_argument("--no-token-ok", action="store_true", help="allow prompts without the run's token")
+    sa.set_defaults(func=cmd_sample)
 
     demo = sub.add_parser("demo", help="the demo on pristine-mini: writes out/demo/index.html")
     demo.add_argument("--out", default="out/demo")

@@ -28,7 +28,7 @@ DEMO_PROMPTS = [
 def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4) -> Path:
     from . import mini
     from .eval.grids import make_grid
-    from .mini.score import generate
+    from .sample import generate
 
     out.mkdir(parents=True, exist_ok=True)
     pipe, oracle = mini.load_pipeline(), mini.load_oracle()

@@ -43,7 +43,7 @@ def sample_grid(out_png: Path, seeds_per_prompt: int = 6, folder=None) -> Path:
     from ..demo import DEMO_PROMPTS
     from ..eval.grids import make_grid
     from . import load_pipeline
-    from .score import generate
+    from ..sample import generate
 
     prompts = [p for p in DEMO_PROMPTS for _ in range(seeds_per_prompt)]
     seeds = [i % seeds_per_prompt for i in range(len(prompts))]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..sample import generate
 from ..world import vocab
 from ..world.captions import caption
 from ..world.scene import Scene, SceneSampler
@@ -31,22 +32,6 @@ def fresh_prompts(n: int, seed: int, n_objects: int) -> list[ScorePrompt]:
         scene = PROMPT_WORLD.sample(rng, n_objects=n_objects)
         out.append(ScorePrompt(scene, caption(scene), seed * 100_003 + n_objects * 10_007 + i))
     return out
-
-
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 50, guidance: float = 5.0, batch: int = 50,
-             desc: str = "generate") -> list[np.ndarray]:
-    """DDIM sampling with one seeded generator per image, so every picture is reproducible alone."""
-    from diffusers import DDIMScheduler
-
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for i in tqdm(range(0, len(prompts), batch), desc=desc):
-        generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
-        out = pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generators, output_type="np")
-        images.extend((np.clip(out.images, 0, 1) * 255).round().astype(np.uint8))
-    return images
 
 
 def _object_match(read: dict | None, obj) -> dict[str, bool]:
@@ -95,9 +80,15 @@ def score(pipe, oracle, n: int = 200, seed: int = 0, steps: int = 50, guidance: 
 
 
 def selftest(oracle, n: int = 2000, seed: int = 12345) -> dict[str, float]:
-    """The oracle's own accuracy on fresh renders of the whole world."""
-    from .oracle import accuracy
-    from .pretrain import labelled_renders
+    """The oracle's own accuracy on fresh renders: the pre-training world (what `score` judges)
+    and the whole world (held-out patterns, concept markings and the retro style included)."""
+    from ..world import FULL_WORLD, PRETRAINING_WORLD, render
+    from .oracle import accuracy, to_tensor
 
-    images, _, scenes = labelled_renders(n, seed)
-    return accuracy(oracle, images, scenes)
+    result = {}
+    for part, sampler in (("base", PRETRAINING_WORLD), ("full", FULL_WORLD)):
+        rng = np.random.default_rng([seed, len(part)])
+        scenes = [sampler.sample(rng) for _ in range(n)]
+        images = to_tensor([render(s)[0] for s in scenes])
+        result.update({f"{part}.{k}": v for k, v in accuracy(oracle, images, scenes).items()})
+    return result

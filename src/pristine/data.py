@@ -1,0 +1,218 @@
+"""Concept datasets: image folders with captions or templates, preprocessing, prior-preservation images.
+
+Every image is checked when the run starts, so a bad file stops the run before any training with a
+message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TEMPLATES = (
+    "a photo of {token} {cls}",
+    "a picture of {token} {cls}",
+    "a photo of the {token} {cls}",
+    "{token} {cls}",
+    "a close-up photo of {token} {cls}",
+    "a good photo of a {token} {cls}",
+)
+
+
+@dataclass
+class ConceptSpec:
+    """One concept to learn: where its images are, the token that names it and its class word."""
+
+    images: str
+    token: str
+    class_word: str
+    init_word: str | None = None  # what the token's embedding starts from (default: the class word)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF rotation applied; grayscale, palette, 16-bit and CMYK converted; alpha composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / scale * 255, 0, 255).astype(np.uint8))
+    if image.mode in ("P", "LA", "PA") or (image.mode == "RGBA"):
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, size: int, crop: str = "center", rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Resize the short side to `size`, crop a square, map to a (3, size, size) tensor in [-1, 1]."""
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    if crop == "random" and rng is not None:
+        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def _read_captions(folder: Path) -> dict[str, str]:
+    captions = {}
+    meta = folder / "metadata.jsonl"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                captions[record["file_name"]] = record["text"]
+            except (ValueError, KeyError, TypeError):
+                raise UsageError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text'")
+    return captions
+
+
+@dataclass
+class ConceptImages:
+    """A concept's images, loaded and checked, with one caption each."""
+
+    spec: ConceptSpec
+    paths: list[Path]
+    images: list[Image.Image]
+    captions: list[str]
+
+    @classmethod
+    def load(cls, spec: ConceptSpec) -> "ConceptImages":
+        folder = Path(spec.images)
+        if not folder.exists():
+            raise UsageError(f"images folder {folder} does not exist; give a folder of the concept's images")
+        if not folder.is_dir():
+            raise UsageError(f"images {folder} is not a folder; give a folder of the concept's images")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and "_mask" not in p.stem)
+        if not files:
+            raise UsageError(f"images folder {folder} holds no images (.png, .jpg, .jpeg, .webp); add 3-20 pictures of the concept")
+        listed = _read_captions(folder)
+        images, captions = [], []
+        for i, path in enumerate(files):
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    images.append(to_rgb(im))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise UsageError(f"{path}: not a readable image ({type(e).__name__}); remove or replace it")
+            text = None
+            txt = path.with_suffix(".txt")
+            if txt.is_file():
+                text = txt.read_text().strip()
+            elif path.name in listed:
+                text = listed[path.name]
+            if text is None:
+                text = TEMPLATES[i % len(TEMPLATES)].format(token=spec.token, cls=spec.class_word)
+            elif spec.token not in text:
+                raise UsageError(f"caption of {path} does not name the token {spec.token!r}: {text!r}; add the token to it")
+            captions.append(text)
+        return cls(spec, files, images, captions)
+
+
+@dataclass
+class TrainingSet:
+    """All concept examples (and prior-preservation examples), preprocessed to tensors once."""
+
+    pixels: torch.Tensor  # (N, 3, S, S)
+    prompts: list[str]
+    concept_index: torch.Tensor  # (N,) which concept; -1 for prior images
+    is_prior: torch.Tensor  # (N,) bool
+    flip: bool = True
+    latents: torch.Tensor | None = None  # cached when the VAE is frozen: (N, 2 if flip else 1, C, h, w)
+    prompt_cache: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def draw(self, batch_size: int, generator: torch.Generator, prior_batch: int = 0) -> dict:
+        """A batch of instance examples (and prior examples), drawn from the step's generator."""
+        inst = torch.nonzero(~self.is_prior).flatten()
+        idx = inst[torch.randint(0, len(inst), (batch_size,), generator=generator)]
+        if prior_batch:
+            prior = torch.nonzero(self.is_prior).flatten()
+            idx = torch.cat([idx, prior[torch.randint(0, len(prior), (prior_batch,), generator=generator)]])
+        flips = (torch.rand(len(idx), generator=generator) < 0.5) & self.flip
+        batch = {"index": idx, "prompts": [self.prompts[i] for i in idx.tolist()], "is_prior": self.is_prior[idx],
+                 "concept": self.concept_index[idx]}
+        if self.latents is not None:
+            batch["latents"] = self.latents[idx, flips.long() if self.flip else torch.zeros_like(idx)]
+        else:
+            px = self.pixels[idx]
+            batch["pixels"] = torch.where(flips[:, None, None, None], px.flip(-1), px)
+        return batch
+
+
+def build_training_set(concepts: list[ConceptImages], size: int, flip: bool = True,
+                       prior: tuple[list[torch.Tensor], list[str]] | None = None) -> TrainingSet:
+    pixels, prompts, which = [], [], []
+    for k, c in enumerate(concepts):
+        for image, text in zip(c.images, c.captions):
+            pixels.append(preprocess(image, size))
+            prompts.append(text)
+            which.append(k)
+    n_inst = len(prompts)
+    if prior is not None:
+        pixels.extend(prior[0])
+        prompts.extend(prior[1])
+        which.extend([-1] * len(prior[1]))
+    is_prior = torch.zeros(len(prompts), dtype=torch.bool)
+    is_prior[n_inst:] = True
+    return TrainingSet(torch.stack(pixels), prompts, torch.tensor(which), is_prior, flip)
+
+
+def cache_latents(data: TrainingSet, backbone, batch: int = 64) -> None:
+    """Encode every image (and its mirror) once: the VAE is frozen in every method."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(data.pixels), batch):
+            px = data.pixels[i : i + batch]
+            views = [backbone.encode_images(px)] + ([backbone.encode_images(px.flip(-1))] if data.flip else [])
+            out.append(torch.stack(views, dim=1))
+    data.latents = torch.cat(out)
+
+
+# ---- prior preservation: class images from the base model, cached for reuse -----------------
+
+
+def class_images(backbone, class_prompt: str, n: int, cache_root: Path, seed: int = 0, steps: int = 30,
+                 guidance: float = 5.0) -> list[Path]:
+    """n images of `class_prompt` from the base model, generated once and reused by later runs."""
+    from tqdm import tqdm
+
+    key = hashlib.sha1(json.dumps([str(backbone.folder.resolve()), class_prompt, seed, steps, guidance]).encode()).hexdigest()[:16]
+    folder = cache_root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt.txt").write_text(class_prompt)
+    missing = [i for i in range(n) if not (folder / f"{i:05d}.png").exists()]
+    if missing:
+        from diffusers import DDIMScheduler
+
+        pipe = backbone.pipeline()
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        for start in tqdm(range(0, len(missing), 16), desc=f"class images: {class_prompt!r}"):
+            ids = missing[start : start + 16]
+            gens = [torch.Generator().manual_seed(seed * 100_000 + i) for i in ids]
+            with torch.no_grad():
+                images = pipe([class_prompt] * len(ids), num_inference_steps=steps, guidance_scale=guidance,
+                              generator=gens).images
+            for i, image in zip(ids, images):
+                tmp = folder / f"{i:05d}.tmp.png"
+                image.save(tmp)
+                tmp.rename(folder / f"{i:05d}.png")
+    return [folder / f"{i:05d}.png" for i in range(n)]

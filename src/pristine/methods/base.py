@@ -1,0 +1,179 @@
+"""What every method shares: the config/parameters/loss contract, the denoising loss, new tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..checkpoint import atomic_save
+from ..data import ConceptSpec
+from ..errors import UsageError
+
+
+@dataclass
+class MethodConfig:
+    """Fields common to all methods; each method's Config adds its own."""
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "method_args") -> "MethodConfig":
+        known = {f.name: f for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise UsageError(f"{where}.{key}: unknown setting for this method; known: {', '.join(known) or 'none'}")
+        out = {}
+        for key, value in values.items():
+            default = getattr(cls, key, None) if not callable(getattr(cls, key, None)) else None
+            out[key] = _coerce(value, known[key].type, default, f"{where}.{key}")
+        return cls(**out)
+
+
+def _coerce(value, type_name, default, where: str):
+    """YAML/CLI values against a dataclass field's annotation (annotations are strings here)."""
+    t = str(type_name)
+    try:
+        if t.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if t.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if t.startswith("bool"):
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if t.startswith("str"):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if t.startswith("list") or t.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected {t}, got {value!r}")
+    return value
+
+
+class TokenEmbeddings:
+    """New tokens in the text encoder(s); only their rows learn, every other row stays bit-identical.
+
+    The whole embedding matrix takes gradients, a hook zeroes all rows but the new ones, and the
+    optimizer group has no weight decay: Adam's moments for the other rows stay zero, so they never move.
+    """
+
+    def __init__(self, backbone, concepts: list[ConceptSpec], vectors_per_token: int = 1):
+        self.backbone = backbone
+        self.tokens = {c.token: vectors_per_token for c in concepts}
+        self.ids = backbone.add_tokens([c.token for c in concepts], [c.init_word or c.class_word for c in concepts],
+                                       vectors_per_token)
+        self.weight = backbone.text_encoder.get_input_embeddings().weight
+        self._hook = None
+
+    def make_trainable(self) -> torch.nn.Parameter:
+        self.weight.requires_grad_(True)
+        mask = torch.zeros(self.weight.shape[0], 1, dtype=self.weight.dtype)
+        mask[self.ids] = 1
+        self._hook = self.weight.register_hook(lambda g: g * mask)
+        return self.weight
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"token.{i}": self.weight[i].detach().clone() for i in self.ids}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i in self.ids:
+                self.weight[i] = state[f"token.{i}"]
+
+    def learned_embeds(self) -> dict[str, torch.Tensor]:
+        """{token: (n_vectors, dim)}: the layout diffusers' load_textual_inversion reads."""
+        out, k = {}, 0
+        for token, n in self.tokens.items():
+            out[token] = torch.stack([self.weight[self.ids[k + j]].detach() for j in range(n)])
+            k += n
+        return out
+
+    def save(self, out_dir: Path) -> Path:
+        path = out_dir / "learned_embeds.safetensors"
+        embeds = self.learned_embeds()
+        atomic_save({t: (v[0] if len(v) == 1 else v).float() for t, v in embeds.items()}, path,
+                    metadata={"tokens": ",".join(embeds)})
+        return path
+
+    def prompt(self, text: str) -> str:
+        return self.backbone.expand_prompt(text, self.tokens)
+
+
+def denoising_loss(backbone, latents: torch.Tensor, cond: dict, generator: torch.Generator,
+                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain diffusion loss, per sample: (mean loss, per-sample losses)."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = backbone.sample_timesteps(len(latents), generator).to(latents.device)
+    x_t = backbone.add_noise(latents, noise, t)
+    pred = backbone.predict(x_t, t, cond)
+    per_sample = (pred.float() - backbone.target(latents, noise, t).float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+    if weights is not None:
+        return (per_sample * weights).sum() / weights.sum(), per_sample
+    return per_sample.mean(), per_sample
+
+
+class Method:
+    """A customization method: its config, its trainable parameters, its loss, its outputs."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # True when prompts' text embeddings never change during training and can be cached
+    frozen_text: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig, backbone, concepts: list[ConceptSpec]):
+        self.config, self.backbone, self.concepts = config, backbone, concepts
+        self.tokens: TokenEmbeddings | None = None
+
+    def setup(self) -> list[dict]:
+        """Add adapters/tokens; return optimizer parameter groups."""
+        raise NotImplementedError
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> dict:
+        if self.tokens is not None:
+            prompts = [self.tokens.prompt(p) for p in prompts]
+        return self.backbone.encode_prompts(prompts)
+
+    def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        cond = self.encode(batch["prompts"])
+        weights = torch.where(batch["is_prior"], torch.tensor(prior_weight), torch.tensor(1.0))
+        loss, per_sample = denoising_loss(self.backbone, batch["latents"], cond, generator, weights)
+        logs = {}
+        if batch["is_prior"].any():
+            logs["prior"] = per_sample[batch["is_prior"]].mean().item()
+        return loss, logs
+
+    def save(self, out_dir: Path, export: list[str]) -> list[Path]:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise UsageError(f"method {name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,92 @@
+"""DreamBooth-LoRA (Ruiz et al. 2023 with low-rank adapters): LoRA on the denoiser's attention,
+optionally with the concept token's embedding (pivotal tuning), optionally with prior preservation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .base import Method, MethodConfig, TokenEmbeddings, register
+
+ADAPTER = "learner"
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    rank: int = 4
+    alpha: float = 4.0
+    targets: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0
+    train_token: bool = True  # learn the token's embedding too (its row starts as the class word's)
+    token_lr: float = 5e-3
+
+
+def add_lora(denoiser, config: LoraConfig, name: str) -> list[torch.nn.Parameter]:
+    """A LoRA adapter on the one copy of the denoiser's weights; returns its parameters."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    denoiser.add_adapter(PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                        init_lora_weights="gaussian", target_modules=list(config.targets)),
+                         adapter_name=name)
+    params = [p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state(denoiser, name: str) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n}
+
+
+def save_lora(pipeline_cls, denoiser, name: str, config: LoraConfig, out_dir: Path) -> Path:
+    """pytorch_lora_weights.safetensors in the diffusers layout, rank and alpha in its metadata."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=name))
+    metadata = {"r": config.rank, "lora_alpha": config.alpha, "target_modules": list(config.targets)}
+    tmp = out_dir / ".lora.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    pipeline_cls.save_lora_weights(tmp, unet_lora_layers={k: v.float() for k, v in layers.items()},
+                                   unet_lora_adapter_metadata=metadata, safe_serialization=True)
+    final = out_dir / "pytorch_lora_weights.safetensors"
+    (tmp / "pytorch_lora_weights.safetensors").replace(final)
+    tmp.rmdir()
+    return final
+
+
+@register
+class LoRA(Method):
+    name = "lora"
+    Config = LoraConfig
+    default_lr = 1e-4
+
+    def setup(self) -> list[dict]:
+        self.tokens = TokenEmbeddings(self.backbone, self.concepts)
+        groups = [{"params": add_lora(self.backbone.denoiser, self.config, ADAPTER)}]
+        if self.config.train_token:
+            groups.append({"params": [self.tokens.make_trainable()], "lr": self.config.token_lr, "weight_decay": 0.0})
+        return groups
+
+    def trainable_state(self):
+        return {**{f"denoiser.{k}": v for k, v in lora_state(self.backbone.denoiser, ADAPTER).items()}, **self.tokens.state()}
+
+    def load_trainable_state(self, state):
+        params = dict(self.backbone.denoiser.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.startswith("denoiser."):
+                    params[k[len("denoiser."):]].copy_(v)
+        self.tokens.load_state(state)
+
+    def save(self, out_dir: Path, export: list[str]) -> list[Path]:
+        pipe_cls = type(self.backbone.pipeline())
+        paths = [save_lora(pipe_cls, self.backbone.denoiser, ADAPTER, self.config, out_dir), self.tokens.save(out_dir)]
+        if "kohya" in export:
+            from ..export import write_kohya
+
+            paths.append(write_kohya(paths[0], out_dir / "lora_kohya.safetensors", self.config.alpha,
+                                     self.backbone.denoiser.config.layers_per_block))
+        return paths

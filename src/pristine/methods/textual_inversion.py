@@ -1,0 +1,33 @@
+"""Textual Inversion (Gal et al. 2023): only the new tokens' embedding vectors learn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import Method, MethodConfig, TokenEmbeddings, register
+
+
+@dataclass
+class TextualInversionConfig(MethodConfig):
+    vectors: int = 1  # vectors per token: "<v1>" becomes "<v1> <v1>_1 ..." inside prompts
+
+
+@register
+class TextualInversion(Method):
+    name = "textual_inversion"
+    Config = TextualInversionConfig
+    default_lr = 5e-3
+
+    def setup(self) -> list[dict]:
+        self.tokens = TokenEmbeddings(self.backbone, self.concepts, self.config.vectors)
+        return [{"params": [self.tokens.make_trainable()], "weight_decay": 0.0}]
+
+    def trainable_state(self):
+        return self.tokens.state()
+
+    def load_trainable_state(self, state):
+        self.tokens.load_state(state)
+
+    def save(self, out_dir: Path, export: list[str]) -> list[Path]:
+        return [self.tokens.save(out_dir)]

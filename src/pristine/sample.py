@@ -1,0 +1,92 @@
+"""Sampling: a base model plus any run's outputs (LoRA, embeddings, key/value weights, full model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+SCHEDULERS = ("ddim", "euler", "ddpm")
+
+
+def set_scheduler(pipe, name: str) -> None:
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}.get(name)
+    if cls is None:
+        raise UsageError(f"--scheduler {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 50, guidance: float = 5.0, batch: int = 50,
+             desc: str = "generate", scheduler: str = "ddim") -> list[np.ndarray]:
+    """One seeded generator per image, so every picture is reproducible on its own."""
+    from tqdm import tqdm
+
+    set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=len(prompts) <= batch):
+        generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+        with torch.no_grad():
+            out = pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generators, output_type="np")
+        images.extend((np.clip(out.images, 0, 1) * 255).round().astype(np.uint8))
+    return images
+
+
+def grid_for_prompts(pipe, prompts: list[str], n: int = 4, seed: int = 0, labels: list[str] | None = None, **kw):
+    from .eval.grids import make_grid
+
+    all_prompts = [p for p in prompts for _ in range(n)]
+    seeds = [seed + k for _ in prompts for k in range(n)]
+    images = generate(pipe, all_prompts, seeds, **kw)
+    return make_grid([images[i * n : (i + 1) * n] for i in range(len(prompts))], labels or prompts)
+
+
+def run_tokens(run: Path) -> list[str]:
+    path = run / "learned_embeds.safetensors"
+    if not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+def load_pipeline(model: str, adapter: str | None = None):
+    """The base model with a run's outputs applied, as a diffusers StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from .backbones import resolve_model
+
+    folder = resolve_model(model)
+    run = Path(adapter) if adapter else None
+    if run is not None and not run.is_dir():
+        raise UsageError(f"--adapter {adapter}: no such run folder")
+    full_model = run is not None and (run / "model" / "model_index.json").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(str(run / "model" if full_model else folder), torch_dtype=torch.float32,
+                                                   local_files_only=True, safety_checker=None)
+    if run is None or full_model:
+        return pipe
+    found = False
+    if (run / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(run), weight_name="pytorch_lora_weights.safetensors")
+        found = True
+    if (run / "custom_diffusion.safetensors").is_file():
+        from .methods.custom_diffusion import apply_custom_diffusion
+
+        apply_custom_diffusion(pipe.unet, run / "custom_diffusion.safetensors")
+        found = True
+    if (run / "learned_embeds.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        for token, vectors in load_file(str(run / "learned_embeds.safetensors")).items():
+            pipe.load_textual_inversion({token: vectors}, token=token)
+        found = True
+    if not found:
+        raise UsageError(f"--adapter {adapter}: holds no pristine outputs (LoRA, embeddings or a model folder)")
+    return pipe
