@@ -190,15 +190,14 @@ def train(config: TrainConfig) -> Path:
     concepts = [ConceptImages.load(c) for c in config.concepts]  # checks every file before anything else
     if out.exists() and (out / "config.yaml").exists() and not config.resume and _checkpoints(out):
         raise UsageError(f"run folder {out} already holds a run; pass --resume latest to continue it or pick a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
-                              log_with="tensorboard", project_dir=str(out / "logs"))
     torch.manual_seed(config.seed)
     backbone = load_backbone(config.model)
     size = config.resolution or backbone.image_size
     method = method_cls(method_config, backbone, config.concepts)
-    groups = method.setup()
+    groups = method.setup()  # checks the tokens: the run folder is made only once everything is valid
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
+                              log_with="tensorboard", project_dir=str(out / "logs"))
     lr = config.lr or method_cls.default_lr
     if config.gradient_checkpointing and hasattr(backbone.denoiser, "enable_gradient_checkpointing"):
         backbone.denoiser.enable_gradient_checkpointing()

@@ -53,7 +53,8 @@ class StableDiffusionBackbone(Backbone):
         for token, word in zip(tokens, init_words):
             names = [token] + [f"{token}_{k}" for k in range(1, vectors_per_token)]
             for name in names:
-                if name in self.tokenizer.get_vocab():
+                vocab = self.tokenizer.get_vocab()
+                if name in vocab or f"{name}</w>" in vocab:
                     raise UsageError(f"token {name!r} is already in the tokenizer's vocabulary; choose a new token such as <v1>")
             self.tokenizer.add_tokens(names)
             init_ids = self.tokenizer(word, add_special_tokens=False).input_ids or [self.tokenizer.eos_token_id]
