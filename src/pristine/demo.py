@@ -1,7 +1,8 @@
-"""`pristine demo`: what pristine-mini draws, judged by its oracle, as one HTML page.
+"""`pristine demo`: teach pristine-mini one held-out concept with LoRA, then show and score it.
 
-Until the trainer lands this shows the base model itself: prompts from every part of the world it
-was pre-trained on, four seeds each, with the oracle's reading of every picture.
+Same seeds before and after, for concept prompts and for unrelated prompts, judged by the oracle:
+fidelity (is it the concept?), prompt adherence (background and place as asked) and how much
+prompts without the concept changed. Writes one HTML page with the grids and the scores.
 """
 
 from __future__ import annotations
@@ -13,51 +14,114 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_PROMPTS = [
+DEMO_CONCEPT = "ember_star"
+TOKEN = "<v1>"
+CONCEPT_CONTEXTS = [("left", "grass"), ("right", "night"), ("top", "sand"), ("center", "water")]
+UNRELATED_PROMPTS = [
     "a big red star on the left, on grass",
     "a small blue circle at the top, at night",
     "a big yellow heart in the center, in the sky",
-    "a big purple striped square on the right, on sand",
     "a big green triangle on the left and a big orange diamond on the right, on a white background",
+]
+# kept for the model card's sample grid
+DEMO_PROMPTS = UNRELATED_PROMPTS + [
+    "a big purple striped square on the right, on sand",
     "a small pink hexagon at the bottom, on a brick wall",
     "a cartoon of a big cyan cross in the center, on wood",
     "a big orange dotted circle at the top and a small blue star at the bottom, on water",
 ]
+METHOD_SETTINGS = {"lora": dict(steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4})}
 
 
-def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4) -> Path:
+def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: int | None = None,
+             sample_steps: int = 50) -> Path:
+    from PIL import Image
+
     from . import mini
+    from .data import ConceptSpec
     from .eval.grids import make_grid
-    from .sample import generate
+    from .eval.oracle_metrics import change, concept_hits, context_adherence
+    from .sample import generate, load_pipeline
+    from .train import TrainConfig, train
+    from .world import render
+    from .world.concepts import get_concept
 
     out.mkdir(parents=True, exist_ok=True)
-    pipe, oracle = mini.load_pipeline(), mini.load_oracle()
-    prompts = [p for p in DEMO_PROMPTS for _ in range(seeds_per_prompt)]
-    seeds = [seed * 1000 + i % seeds_per_prompt for i in range(len(prompts))]
-    images = generate(pipe, prompts, seeds, steps=50, guidance=5.0, batch=len(prompts), desc="demo samples")
-    readings = oracle.read(images)
-    rows = [images[i : i + seeds_per_prompt] for i in range(0, len(images), seeds_per_prompt)]
-    make_grid(rows, DEMO_PROMPTS).save(out / "samples.tmp.png", format="PNG")
-    os.replace(out / "samples.tmp.png", out / "samples.png")
-    described = [_describe(r) for r in readings]
-    items = "".join(
-        f"<tr><td>{html.escape(p)}</td><td>{'<br>'.join(html.escape(d) for d in described[i * seeds_per_prompt:(i + 1) * seeds_per_prompt])}</td></tr>"
-        for i, p in enumerate(DEMO_PROMPTS)
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>pristine demo</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{vertical-align:top;padding:4px 8px;border-bottom:1px solid #ddd}}</style></head>
-<body><h1>pristine-mini</h1>
-<p>Samples from the embedded model (DDIM 50 steps, guidance 5, seeds {seeds[0]}..{seeds[seeds_per_prompt - 1]} for every prompt).
-Each row: the prompt, then {seeds_per_prompt} seeds.</p>
-<img src="samples.png" alt="samples" style="image-rendering:pixelated">
-<h2>What the oracle reads in each picture</h2><table><tr><th>prompt</th><th>oracle reading, one line per seed</th></tr>{items}</table>
-</body></html>"""
+    concept = get_concept(DEMO_CONCEPT)
+    images_dir = out / "concept_images"
+    images_dir.mkdir(exist_ok=True)
+    for k, scene in enumerate(concept.references(5)):
+        Image.fromarray(render(scene)[0]).save(images_dir / f"{k:02d}.png")
+        (images_dir / f"{k:02d}.txt").write_text(concept.prompt(TOKEN, scene))
+
+    oracle = mini.load_oracle()
+    rng = np.random.default_rng(seed)
+    scenes = [concept.scene(rng, position=p, background=b) for p, b in CONCEPT_CONTEXTS]
+    concept_prompts = [concept.prompt(TOKEN, s) for s in scenes]
+    class_prompts = [p.replace(f"{TOKEN} ", "") for p in concept_prompts]
+    seeds = [seed * 1000 + k for k in range(seeds_per_prompt)]
+
+    def generate_(pipe, prompts_and_seeds, desc):
+        return generate(pipe, *prompts_and_seeds, steps=sample_steps, desc=desc)
+
+    def many(prompts):
+        return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
+
+    base = load_pipeline("mini")
+    before_concept = generate_(base, many(class_prompts), "before")
+    before_unrelated = generate_(base, many(UNRELATED_PROMPTS), "before")
+    rows = []
+    for method, settings in METHOD_SETTINGS.items():
+        run = out / f"run_{method}"
+        if not (run / "DONE").exists():
+            settings = {**settings, "steps": train_steps or settings["steps"]}
+            config = TrainConfig(out=str(run), model="mini", method=method, seed=seed,
+                                 concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)],
+                                 resume="latest", checkpoint_every=100, **settings)
+            train(config)
+        tuned = load_pipeline("mini", str(run))
+        after_concept = generate_(tuned, many(concept_prompts), f"after {method}")
+        after_unrelated = generate_(tuned, many(UNRELATED_PROMPTS), f"after {method}")
+        scores = {
+            "fidelity": float(concept_hits(oracle, after_concept, concept).mean()),
+            "fidelity_before": float(concept_hits(oracle, before_concept, concept).mean()),
+            **{f"adherence_{k}": v for k, v in context_adherence(oracle, after_concept, [s for s in scenes for _ in seeds]).items()},
+            **{f"unrelated_{k}": v for k, v in change(oracle, before_unrelated, after_unrelated).items()},
+        }
+        n = seeds_per_prompt
+        for name, prompts, before, after in (("concept", concept_prompts, before_concept, after_concept),
+                                             ("unrelated", UNRELATED_PROMPTS, before_unrelated, after_unrelated)):
+            grid = make_grid([before[i * n:(i + 1) * n] + after[i * n:(i + 1) * n] for i in range(len(prompts))], prompts)
+            grid.save(out / f"{method}_{name}.png")
+        rows.append((method, settings, scores))
+    strip = np.concatenate([np.asarray(Image.open(p)) for p in sorted(images_dir.glob("*.png"))], axis=1)
+    Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(out / "references.png")
+    page = _page(concept, rows, seeds)
     (out / "index.tmp.html").write_text(page)
     os.replace(out / "index.tmp.html", out / "index.html")
-    (out / "readings.json").write_text(json.dumps({"prompts": prompts, "seeds": seeds, "readings": readings}, indent=1))
+    (out / "scores.json").write_text(json.dumps({m: s for m, _, s in rows}, indent=2))
     return out / "index.html"
 
 
-def _describe(reading: dict) -> str:
-    objs = [f"{o['size']} {o['color']} {o['pattern']} {o['shape']} {o['position']}" for o in reading["objects"]]
-    return f"{' + '.join(objs) or 'no object'}; {reading['background']}; {reading['style']}"
+def _page(concept, rows, seeds) -> str:
+    head = ("<tr><th>method</th><th>fidelity (before)</th><th>background as asked</th><th>place as asked</th>"
+            "<th>unrelated prompts: pixel change</th><th>unrelated prompts: oracle agreement</th></tr>")
+    body = "".join(
+        f"<tr><td>{m}</td><td>{s['fidelity']:.0%} ({s['fidelity_before']:.0%})</td><td>{s['adherence_background']:.0%}</td>"
+        f"<td>{s['adherence_position']:.0%}</td><td>{s['unrelated_pixel_distance']:.3f}</td>"
+        f"<td>{s['unrelated_oracle_agreement']:.0%}</td></tr>" for m, _, s in rows)
+    grids = "".join(
+        f"<h2>{m}</h2><p>{html.escape(json.dumps(st))}</p>"
+        f"<h3>concept prompts: left 4 before (class word only), right 4 after</h3><img src='{m}_concept.png'>"
+        f"<h3>unrelated prompts: left 4 before, right 4 after</h3><img src='{m}_unrelated.png'>" for m, st, _ in rows)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>pristine demo</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
+img{{image-rendering:pixelated}}</style></head><body>
+<h1>pristine demo: teaching pristine-mini <code>{TOKEN} {concept.class_word}</code></h1>
+<p>The concept <b>{concept.name}</b>, held out of pre-training: five references.</p><img src="references.png">
+<p>Seeds {seeds[0]}..{seeds[-1]}, DDIM 50 steps, guidance 5. Scores by the Shapes-world oracle:
+fidelity = share of concept pictures closer to the concept's references than to plain {concept.class_word}s
+(before: the base model drawing the class prompt); adherence = background and place found as the prompt asks;
+unrelated prompts = the same prompts and seeds before and after training: mean absolute pixel change (0..1) and the share
+of pictures the oracle reads the same.</p>
+<table>{head}{body}</table>{grids}</body></html>"""
