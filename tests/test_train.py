@@ -232,3 +232,44 @@ def test_training_errors(tiny, star_images, tmp_path, capsys):
                                "--method-arg", "rnak=4"), "rnak")
     for r in ("r1", "r2", "r3", "r4", "r5", "r6"):
         assert not (tmp_path / r).exists()  # nothing half-written
+
+
+def test_prior_preservation_samples_and_tensorboard(tiny, star_images, tmp_path, capsys):
+    run = tmp_path / "runs" / "prior"
+    code, err = train_cli(capsys, "--model", str(tiny), "--images", str(star_images), "--token", "<v1>",
+                          "--class-word", "star", "--out", str(run), "--steps", "2", "--prior-preservation",
+                          "--num-class-images", "3", "--sample-every", "2", "--sample-prompt", "a photo of <v1> star",
+                          "--checkpoint-every", "1")
+    assert code == 0, err
+    cached = list((tmp_path / "runs" / ".class_images").glob("*/*.png"))
+    assert len(cached) == 3  # generated once, reused by later runs
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert all("prior" in r for r in log)
+    assert (run / "samples" / "step_0000002.png").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents*"))
+    assert len(list((run / "checkpoints").glob("*.safetensors"))) == 2  # keeps the latest two
+    mtimes = [p.stat().st_mtime for p in cached]
+    code, _ = train_cli(capsys, "--model", str(tiny), "--images", str(star_images), "--token", "<v1>",
+                        "--class-word", "star", "--out", str(tmp_path / "runs" / "prior2"), "--steps", "1",
+                        "--prior-preservation", "--num-class-images", "3")
+    assert code == 0 and [p.stat().st_mtime for p in cached] == mtimes
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny, star_images, tmp_path,
+                                                                                    capsys, monkeypatch):
+    from pristine.methods.lora import LoRA
+
+    real_loss = LoRA.loss
+    calls = {"n": 0}
+
+    def loss(self, batch, generator, prior_weight=1.0):
+        calls["n"] += 1
+        value, logs = real_loss(self, batch, generator, prior_weight)
+        return (value * float("nan") if calls["n"] == 3 else value), logs
+
+    monkeypatch.setattr(LoRA, "loss", loss)
+    run = tmp_path / "nan"
+    code, err = train_cli(capsys, "--model", str(tiny), "--images", str(star_images), "--token", "<v1>",
+                          "--class-word", "star", "--out", str(run), "--steps", "5", "--checkpoint-every", "2")
+    _one_line_error(code, err, "nan", "step 3", "step_0000002")
+    assert (run / "checkpoints" / "step_0000002.safetensors").is_file()

@@ -286,4 +286,5 @@ def _sample_during_training(method, config: TrainConfig, path: Path) -> None:
 
     pipe = method.backbone.pipeline()
     prompts = [method.tokens.prompt(p) if method.tokens else p for p in config.sample_prompts]
+    path.parent.mkdir(parents=True, exist_ok=True)
     grid_for_prompts(pipe, prompts, n=4, seed=config.seed, labels=config.sample_prompts).save(path)
