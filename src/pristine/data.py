@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +134,8 @@ class TrainingSet:
     is_prior: torch.Tensor  # (N,) bool
     flip: bool = True
     latents: torch.Tensor | None = None  # cached when the VAE is frozen: (N, 2 if flip else 1, C, h, w)
-    prompt_cache: dict = field(default_factory=dict)
+    sources: list[Image.Image] | None = None  # kept for random crops, cut afresh at every draw
+    size: int = 0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -151,28 +152,31 @@ class TrainingSet:
                  "concept": self.concept_index[idx]}
         if self.latents is not None:
             batch["latents"] = self.latents[idx, flips.long() if self.flip else torch.zeros_like(idx)]
+            return batch
+        if self.sources is not None:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            px = torch.stack([preprocess(self.sources[i], self.size, "random", rng) for i in idx.tolist()])
         else:
             px = self.pixels[idx]
-            batch["pixels"] = torch.where(flips[:, None, None, None], px.flip(-1), px)
+        batch["pixels"] = torch.where(flips[:, None, None, None], px.flip(-1), px)
         return batch
 
 
-def build_training_set(concepts: list[ConceptImages], size: int, flip: bool = True,
-                       prior: tuple[list[torch.Tensor], list[str]] | None = None) -> TrainingSet:
-    pixels, prompts, which = [], [], []
-    for k, c in enumerate(concepts):
-        for image, text in zip(c.images, c.captions):
-            pixels.append(preprocess(image, size))
-            prompts.append(text)
-            which.append(k)
+def build_training_set(concepts: list[ConceptImages], size: int, flip: bool = True, crop: str = "center",
+                       prior: tuple[list[Image.Image], list[str]] | None = None) -> TrainingSet:
+    images = [im for c in concepts for im in c.images]
+    prompts = [t for c in concepts for t in c.captions]
+    which = [k for k, c in enumerate(concepts) for _ in c.images]
     n_inst = len(prompts)
     if prior is not None:
-        pixels.extend(prior[0])
-        prompts.extend(prior[1])
-        which.extend([-1] * len(prior[1]))
+        images += prior[0]
+        prompts += prior[1]
+        which += [-1] * len(prior[1])
     is_prior = torch.zeros(len(prompts), dtype=torch.bool)
     is_prior[n_inst:] = True
-    return TrainingSet(torch.stack(pixels), prompts, torch.tensor(which), is_prior, flip)
+    pixels = torch.stack([preprocess(im, size) for im in images])
+    return TrainingSet(pixels, prompts, torch.tensor(which), is_prior, flip,
+                       sources=images if crop == "random" else None, size=size)
 
 
 def cache_latents(data: TrainingSet, backbone, batch: int = 64) -> None:

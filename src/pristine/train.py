@@ -204,21 +204,24 @@ def train(config: TrainConfig) -> Path:
 
     prior = None
     if config.prior_preservation:
-        pixels, prompts = [], []
+        from PIL import Image
+
+        images, prompts = [], []
         for c in config.concepts:
             prompt = config.class_prompt.format(cls=c.class_word)
-            from PIL import Image
-
-            from .data import preprocess
-
             for p in class_images(backbone, prompt, config.num_class_images, out.parent / ".class_images", seed=config.seed):
-                pixels.append(preprocess(to_rgb(Image.open(p)), size))
+                with Image.open(p) as im:
+                    images.append(to_rgb(im))
                 prompts.append(prompt)
-        prior = (pixels, prompts)
-    data = build_training_set(concepts, size, flip=config.flip, prior=prior)
+        prior = (images, prompts)
+    data = build_training_set(concepts, size, flip=config.flip, crop=config.crop, prior=prior)
     if config.crop == "center":
         cache_latents(data, backbone)
 
+    if accelerator.num_processes > 1:  # `accelerate launch`: gradients of the trained modules all-reduce
+        backbone.unet = accelerator.prepare(backbone.denoiser)
+        if any(p.requires_grad for p in backbone.text_encoder.parameters()):
+            backbone.text_encoder = accelerator.prepare(backbone.text_encoder)
     optimizer = _optimizer(groups, config, lr)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.steps)
@@ -239,11 +242,12 @@ def train(config: TrainConfig) -> Path:
     trainable = [p for g in groups for p in g["params"]]
     prior_batch = config.batch_size if config.prior_preservation else 0
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.method}")
-    t0, last_good = time.time(), None
+    t0 = time.time()
     accelerator.init_trackers("train")
     for step in bar:
         for micro in range(config.gradient_accumulation):
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + micro)
+            generator = torch.Generator().manual_seed(
+                config.seed * 1_000_003 + step * 101 + micro + accelerator.process_index * 7_919)
             batch = data.draw(config.batch_size, generator, prior_batch)
             if "latents" not in batch:
                 batch["latents"] = backbone.encode_images(batch["pixels"], generator)
@@ -261,17 +265,21 @@ def train(config: TrainConfig) -> Path:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         record = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **logs}
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}", it_s=f"{(step + 1 - start) / (time.time() - t0):.2f}")
+        if not accelerator.is_main_process:
+            continue
         accelerator.log(record, step=step + 1)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": step + 1, **record}) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}", it_s=f"{(step + 1 - start) / (time.time() - t0):.2f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            last_good = _save_checkpoint(out, step + 1, method, optimizer, scheduler, config.keep_checkpoints)
+            _save_checkpoint(out, step + 1, method, optimizer, scheduler, config.keep_checkpoints)
         if config.sample_every and (step + 1) % config.sample_every == 0 and config.sample_prompts:
             _sample_during_training(method, config, out / "samples" / f"step_{step + 1:07d}.png")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    method.save(out, config.export)
-    (out / "DONE").write_text(json.dumps({"steps": config.steps, "method": config.method}))
+    if accelerator.is_main_process:
+        method.save(out, config.export)
+        (out / "DONE").write_text(json.dumps({"steps": config.steps, "method": config.method}))
     return out
 
 

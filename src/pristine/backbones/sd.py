@@ -102,6 +102,7 @@ class StableDiffusionBackbone(Backbone):
         from diffusers import StableDiffusionPipeline
 
         scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)
-        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=self.unet, scheduler=scheduler, safety_checker=None,
+        text_encoder = getattr(self.text_encoder, "module", self.text_encoder)  # unwrapped under DDP
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.denoiser, scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)

@@ -150,7 +150,17 @@ class Method:
     def encode(self, prompts: list[str]) -> dict:
         if self.tokens is not None:
             prompts = [self.tokens.prompt(p) for p in prompts]
-        return self.backbone.encode_prompts(prompts)
+        if any(p.requires_grad for te in self.backbone.text_encoders for p in te.parameters()):
+            return self.backbone.encode_prompts(prompts)
+        # the text side is frozen: each prompt is encoded once
+        cache = self.__dict__.setdefault("_text_cache", {})
+        missing = sorted(set(prompts) - set(cache))
+        if missing:
+            with torch.no_grad():
+                encoded = self.backbone.encode_prompts(missing)
+            for i, p in enumerate(missing):
+                cache[p] = {k: v[i] for k, v in encoded.items()}
+        return {k: torch.stack([cache[p][k] for p in prompts]) for k in cache[prompts[0]]}
 
     def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         cond = self.encode(batch["prompts"])
