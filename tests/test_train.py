@@ -273,3 +273,44 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
                           "--class-word", "star", "--out", str(run), "--steps", "5", "--checkpoint-every", "2")
     _one_line_error(code, err, "nan", "step 3", "step_0000002")
     assert (run / "checkpoints" / "step_0000002.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_lowers_its_loss_on_pristine_mini(method):
+    """A fixed probe (same images, noise and timesteps) before and after a few steps on mini."""
+    from pristine.backbones import load_backbone
+    from pristine.data import ConceptImages, ConceptSpec, build_training_set, cache_latents
+    from pristine.methods import get_method
+    from pristine.world.concepts import get_concept
+
+    import tempfile
+
+    concept = get_concept("tide_circle")
+    with tempfile.TemporaryDirectory() as d:
+        for k, scene in enumerate(concept.references(5)):
+            Image.fromarray(render(scene)[0]).save(Path(d) / f"{k}.png")
+            (Path(d) / f"{k}.txt").write_text(concept.prompt("<v1>", scene))
+        spec = ConceptSpec(d, "<v1>", "circle")
+        backbone = load_backbone("mini")
+        cls = get_method(method)
+        m = cls(cls.Config(), backbone, [spec])
+        groups = m.setup()
+        data = build_training_set([ConceptImages.load(spec)], 32, flip=False)
+    cache_latents(data, backbone)
+    probe = {"prompts": data.prompts, "latents": data.latents[:, 0], "is_prior": data.is_prior}
+
+    def probe_loss():
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return sum(m.loss(probe, g)[0].item() for _ in range(8))
+
+    lr = {"lora": 1e-3, "textual_inversion": 5e-3, "dreambooth": 1e-4, "custom_diffusion": 1e-4}[method]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    before = probe_loss()
+    for step in range(60):
+        g = torch.Generator().manual_seed(step)
+        loss, _ = m.loss(data.draw(4, g), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert probe_loss() < 0.99 * before

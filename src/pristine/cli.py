@@ -56,7 +56,7 @@ STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped
     "vae": (4800, 16, 1e-3),
     "clip": (900, 128, 5e-4),
     "oracle": (2500, 128, 2e-3),
-    "unet": (3600, 128, 3e-4),
+    "unet": (3000, 128, 3e-4),
 }
 
 

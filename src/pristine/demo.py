@@ -58,7 +58,7 @@ def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: i
     rng = np.random.default_rng(seed)
     scenes = [concept.scene(rng, position=p, background=b) for p, b in CONCEPT_CONTEXTS]
     concept_prompts = [concept.prompt(TOKEN, s) for s in scenes]
-    class_prompts = [p.replace(f"{TOKEN} ", "") for p in concept_prompts]
+    class_prompts = [p.replace(f"{TOKEN} ", "") for p in concept_prompts]  # the class word alone
     seeds = [seed * 1000 + k for k in range(seeds_per_prompt)]
 
     def generate_(pipe, prompts_and_seeds, desc):

@@ -74,7 +74,7 @@ def object_phrase(
     """'a big red striped star'; a concept is named by its token and class word: '<v1> star'."""
     if token is not None:
         words = [] if _drop(rng, policy.drop_size) else [obj.size]
-        return " ".join(words + [token, obj.shape])
+        return article(" ".join(words + [token, obj.shape]))
     words = []
     if not _drop(rng, policy.drop_size):
         words.append(obj.size)
