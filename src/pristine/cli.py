@@ -223,6 +223,23 @@ def cmd_sample(args) -> None:
     print(f"grid written to {out}")
 
 
+def cmd_bench_mini(args) -> None:
+    from .eval.minibench import BUDGETS, BenchSettings, concept_set, run_bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in BUDGETS:
+            raise UsageError(f"--methods: {m!r} has no MiniBench budget; choose from {', '.join(BUDGETS)}")
+    try:
+        concepts = concept_set("quick" if args.quick and args.concepts == "dev" else args.concepts)
+    except KeyError as e:
+        raise UsageError(f"--concepts: {e.args[0]}")
+    settings = BenchSettings(methods, concepts, seeds=args.seeds or (2 if args.quick else 4),
+                             sample_steps=args.sample_steps or (25 if args.quick else 50),
+                             train_steps=args.train_steps or (150 if args.quick else None))
+    print(f"report: {run_bench(Path(args.out), settings)}")
+
+
 # ---- pristine demo -------------------------------------------------------------------------------
 
 
@@ -324,6 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--scheduler", default="ddim", help="ddim, euler or ddpm")
     sa.add_argument("--no-token-ok", action="store_true", help="allow prompts without the run's token")
     sa.set_defaults(func=cmd_sample)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    bm = bench.add_parser("mini", help="MiniBench: methods on the Shapes world's held-out concepts, oracle-scored")
+    bm.add_argument("--methods", default="lora,textual_inversion,dreambooth,custom_diffusion")
+    bm.add_argument("--concepts", default="dev", help="dev (12), final (4 kept apart), or concept names")
+    bm.add_argument("--out", required=True)
+    bm.add_argument("--quick", action="store_true", help="3 concepts, fewer seeds, steps and samples")
+    bm.add_argument("--seeds", type=_positive("--seeds"))
+    bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    bm.add_argument("--train-steps", type=_positive("--train-steps"))
+    bm.set_defaults(func=cmd_bench_mini)
 
     demo = sub.add_parser("demo", help="the demo on pristine-mini: writes out/demo/index.html")
     demo.add_argument("--out", default="out/demo")

@@ -1,0 +1,296 @@
+"""MiniBench: methods on the Shapes world's held-out concepts, judged exactly by the oracle.
+
+For every (method, concept): train with the method's frozen budget, then draw fixed prompts with
+fixed seeds from the original and the customized model and score
+- fidelity: is it the concept (oracle embedding against its references vs plain members of its
+  class), CLIP-I (mini CLIP image cosine to the references), DINO-style (oracle embedding cosine);
+- prompt adherence: the context the prompt asks for besides the concept (background, place, size,
+  a second object, style), and CLIP-T;
+- pollution: (a) prompts without the concept, original vs customized, same seeds: pixel distance
+  and oracle agreement; (b) plain class prompts: how often the concept leaks into them, against
+  the original model's rate; (c) context drift: a concept prompt against the original model's
+  picture of the same prompt without the token (background, style, layout as the oracle reads them).
+Every number carries a 95% bootstrap interval over (concept, seed) units.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..world.concepts import DEV_CONCEPTS, FINAL_CONCEPTS, Concept, get_concept
+from ..world.scene import Scene, WorldObject, positions_compatible
+
+TOKEN = "<v1>"
+# One budget per method, fixed before any benchmark was run: the learning rates are the usual
+# ones for each method scaled to a tiny model, the same steps for all.
+BUDGETS = {
+    "lora": dict(steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4}),
+    "lora_prior": dict(steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4},
+                       prior_preservation=True, num_class_images=50, method="lora"),
+    "textual_inversion": dict(steps=300, batch_size=4, lr=5e-3),
+    "dreambooth": dict(steps=300, batch_size=4, lr=5e-5),
+    "custom_diffusion": dict(steps=300, batch_size=4, lr=1e-4),
+}
+# (position, background, size, style, second object or None)
+CONTEXTS = [
+    ("left", "grass", "big", "plain", None),
+    ("right", "night", "big", "plain", None),
+    ("top", "sand", "small", "plain", None),
+    ("center", "water", "big", "cartoon", None),
+    ("left", "white", "big", "plain", ("circle", "blue", "small", "right")),
+    ("bottom", "brick", "big", "plain", ("square", "yellow", "small", "top")),
+]
+UNRELATED = [
+    "a big green triangle on the left, on a white background",
+    "a small blue circle at the top, at night",
+    "a big yellow heart in the center, in the sky",
+    "a big pink hexagon on the right and a small orange cross on the left, on wood",
+]
+
+
+@dataclass
+class BenchSettings:
+    methods: list[str]
+    concepts: list[Concept]
+    seeds: int = 4
+    sample_steps: int = 50
+    guidance: float = 5.0
+    train_steps: int | None = None  # overrides the budget (quick runs)
+
+
+def concept_set(name: str) -> list[Concept]:
+    if name == "dev":
+        return list(DEV_CONCEPTS)
+    if name == "final":
+        return list(FINAL_CONCEPTS)
+    if name == "quick":
+        return list(DEV_CONCEPTS[:3])
+    return [get_concept(n) for n in name.split(",")]
+
+
+def context_scene(concept: Concept, ctx, seed: int) -> Scene:
+    position, background, size, style, second = ctx
+    objects = [concept.object(position, size)]
+    if second is not None:
+        shape, color, osize, opos = second
+        other = WorldObject(shape, color, osize, opos)
+        assert positions_compatible(objects[0], other)
+        objects.append(other)
+    return Scene(tuple(objects), background, style, seed)
+
+
+def prompts_for(concept: Concept) -> tuple[list[Scene], list[str], list[str]]:
+    scenes = [context_scene(concept, ctx, i) for i, ctx in enumerate(CONTEXTS)]
+    concept_prompts = [concept.prompt(TOKEN, s) for s in scenes]
+    class_prompts = [p.replace(f"{TOKEN} ", "") for p in concept_prompts]
+    return scenes, concept_prompts, class_prompts
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+
+class Judges:
+    """The oracle and the mini CLIP, with the per-concept reference embeddings they compare against."""
+
+    def __init__(self):
+        from .. import mini
+
+        self.oracle = mini.load_oracle()
+        self.clip, self.processor = mini.load_clip()
+
+    @torch.no_grad()
+    def clip_images(self, images) -> torch.Tensor:
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        return torch.nn.functional.normalize(_projected(self.clip.get_image_features(**inputs)), dim=-1)
+
+    @torch.no_grad()
+    def clip_texts(self, texts) -> torch.Tensor:
+        inputs = self.processor(text=list(texts), return_tensors="pt", padding=True)
+        return torch.nn.functional.normalize(_projected(self.clip.get_text_features(**inputs)), dim=-1)
+
+
+def _projected(features) -> torch.Tensor:
+    """transformers 5 wraps the projected features in an output object; 4.x returned the tensor."""
+    return features if torch.is_tensor(features) else features.pooler_output
+
+
+def context_right(reading: dict, scene: Scene) -> dict[str, float]:
+    """Per context attribute the prompt asks for besides the concept: did the oracle find it?"""
+    found = {o["position"]: o for o in reading["objects"]}
+    main = scene.objects[0]
+    out = {"background": float(reading["background"] == scene.background),
+           "position": float(main.position in found),
+           "style": float(reading["style"] == scene.style)}
+    if main.position in found:
+        out["size"] = float(found[main.position]["size"] == main.size)
+    else:
+        out["size"] = 0.0
+    if len(scene.objects) > 1:
+        other = scene.objects[1]
+        hit = found.get(other.position)
+        out["second_object"] = float(hit is not None and hit["shape"] == other.shape and hit["color"] == other.color)
+    return out
+
+
+def _layout(reading: dict) -> tuple:
+    return (reading["background"], reading["style"], tuple(sorted(o["position"] for o in reading["objects"])))
+
+
+def score_concept(judges: Judges, concept: Concept, scenes, concept_prompts, class_prompts, seeds,
+                  original: dict, custom: dict) -> list[dict]:
+    """One record per (prompt kind, prompt, seed) unit with every metric that applies to it."""
+    from ..world import render
+    from .oracle_metrics import concept_hits
+
+    refs = [render(s)[0] for s in concept.references(5)]
+    ref_oracle = judges.oracle.embedding(refs).mean(0)
+    ref_oracle = ref_oracle / ref_oracle.norm()
+    ref_clip = judges.clip_images(refs).mean(0)
+    ref_clip = ref_clip / ref_clip.norm()
+    records = []
+    n = len(seeds)
+    # concept prompts: fidelity, adherence, context drift
+    imgs = custom["concept"]
+    hits = concept_hits(judges.oracle, imgs, concept)
+    dino = (judges.oracle.embedding(imgs) @ ref_oracle).numpy()
+    clip_i = (judges.clip_images(imgs) @ ref_clip).numpy()
+    texts = [p.replace(TOKEN, concept.class_word) for p in concept_prompts for _ in seeds]
+    clip_t = (judges.clip_images(imgs) * judges.clip_texts(texts)).sum(-1).numpy()
+    readings = judges.oracle.read(imgs)
+    base_readings = judges.oracle.read(original["class"])
+    for k, (r, br) in enumerate(zip(readings, base_readings)):
+        scene = scenes[k // n]
+        ctx = context_right(r, scene)
+        records.append({
+            "kind": "concept", "prompt": concept_prompts[k // n], "seed": seeds[k % n],
+            "fidelity": float(hits[k]), "clip_i": float(clip_i[k]), "dino": float(dino[k]), "clip_t": float(clip_t[k]),
+            "adherence": float(np.mean(list(ctx.values()))), **{f"adherence_{a}": v for a, v in ctx.items()},
+            "drift": float(_layout(r) != _layout(br)),
+            "drift_pixels": float(np.abs(imgs[k].astype(np.float32) - original["class"][k].astype(np.float32)).mean() / 255),
+        })
+    # class prompts: does the concept leak into them?
+    leak_custom = concept_hits(judges.oracle, custom["class"], concept)
+    leak_orig = concept_hits(judges.oracle, original["class"], concept)
+    for k in range(len(leak_custom)):
+        records.append({"kind": "class", "prompt": class_prompts[k // n], "seed": seeds[k % n],
+                        "leak": float(leak_custom[k]), "leak_original": float(leak_orig[k])})
+    # unrelated prompts: did they change?
+    ra, rb = judges.oracle.read(original["unrelated"]), judges.oracle.read(custom["unrelated"])
+    for k, (a, b) in enumerate(zip(original["unrelated"], custom["unrelated"])):
+        same = _object_summary(ra[k]) == _object_summary(rb[k])
+        records.append({"kind": "unrelated", "prompt": UNRELATED[k // n], "seed": seeds[k % n],
+                        "pollution_distance": float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255),
+                        "pollution_agreement": float(same)})
+    return records
+
+
+def _object_summary(r: dict) -> tuple:
+    return (r["background"], r["style"], tuple(sorted((o["position"], o["shape"], o["color"]) for o in r["objects"])))
+
+
+def bootstrap(values: list[float], groups: list[str], n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% interval, resampling concepts and then units within them."""
+    values, groups = np.asarray(values, float), np.asarray(groups)
+    names = np.unique(groups)
+    by = [values[groups == g] for g in names]
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(n_boot):
+        picks = rng.integers(0, len(by), len(by))
+        means.append(np.mean(np.concatenate([rng.choice(by[i], len(by[i])) for i in picks])))
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+METRICS = [  # (name in the table, record kind, record key)
+    ("fidelity (oracle)", "concept", "fidelity"),
+    ("CLIP-I", "concept", "clip_i"),
+    ("DINO (oracle emb.)", "concept", "dino"),
+    ("adherence (oracle)", "concept", "adherence"),
+    ("CLIP-T", "concept", "clip_t"),
+    ("pollution a: pixel distance", "unrelated", "pollution_distance"),
+    ("pollution a: oracle agreement", "unrelated", "pollution_agreement"),
+    ("pollution b: leak into class prompts", "class", "leak"),
+    ("pollution b: original model's rate", "class", "leak_original"),
+    ("pollution c: context drift", "concept", "drift"),
+    ("pollution c: pixel drift", "concept", "drift_pixels"),
+]
+
+
+def summarize(records: list[dict]) -> dict:
+    out = {}
+    for name, kind, key in METRICS:
+        rows = [r for r in records if r["kind"] == kind and key in r]
+        if rows:
+            mean, lo, hi = bootstrap([r[key] for r in rows], [r["concept"] for r in rows])
+            out[key] = {"label": name, "mean": mean, "lo": lo, "hi": hi, "n": len(rows)}
+    return out
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def run_bench(out: Path, settings: BenchSettings) -> Path:
+    from PIL import Image
+
+    from ..data import ConceptSpec
+    from ..sample import generate, load_pipeline
+    from ..train import TrainConfig, train
+    from ..world import render
+
+    out.mkdir(parents=True, exist_ok=True)
+    judges = Judges()
+    seeds = list(range(settings.seeds))
+    base = load_pipeline("mini")
+    records: list[dict] = []
+    grids: dict[str, dict[str, list]] = {}
+
+    def draw(pipe, prompts, desc):
+        all_prompts = [p for p in prompts for _ in seeds]
+        return generate(pipe, all_prompts, seeds * len(prompts), steps=settings.sample_steps,
+                        guidance=settings.guidance, desc=desc)
+
+    for concept in settings.concepts:
+        scenes, concept_prompts, class_prompts = prompts_for(concept)
+        images_dir = out / "data" / concept.name
+        images_dir.mkdir(parents=True, exist_ok=True)
+        for k, scene in enumerate(concept.references(5)):
+            Image.fromarray(render(scene)[0]).save(images_dir / f"{k:02d}.png")
+            (images_dir / f"{k:02d}.txt").write_text(concept.prompt(TOKEN, scene))
+        original = {"class": draw(base, class_prompts, "original"), "unrelated": draw(base, UNRELATED, "original")}
+        grids[concept.name] = {"original": original["class"]}
+        for method in settings.methods:
+            budget = dict(BUDGETS[method])
+            method_name = budget.pop("method", method)
+            if settings.train_steps:
+                budget["steps"] = settings.train_steps
+            run = out / "runs" / method / concept.name
+            if not (run / "DONE").exists():
+                train(TrainConfig(out=str(run), model="mini", method=method_name, seed=0, resume="latest",
+                                  concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **budget))
+            pipe = load_pipeline("mini", str(run))
+            custom = {"concept": draw(pipe, concept_prompts, method), "class": draw(pipe, class_prompts, method),
+                      "unrelated": draw(pipe, UNRELATED, method)}
+            grids[concept.name][method] = custom["concept"]
+            for r in score_concept(judges, concept, scenes, concept_prompts, class_prompts, seeds, original, custom):
+                records.append({"method": method, "concept": concept.name, **r})
+    results = {
+        "settings": {"methods": settings.methods, "concepts": [c.name for c in settings.concepts], "seeds": seeds,
+                     "sample_steps": settings.sample_steps, "guidance": settings.guidance,
+                     "budgets": {m: BUDGETS[m] for m in settings.methods}, "train_steps": settings.train_steps},
+        "summary": {m: summarize([r for r in records if r["method"] == m]) for m in settings.methods},
+        "records": records,
+    }
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
+    from .report import write_report
+
+    write_report(out, results, grids, concept_prompts_by={c.name: prompts_for(c)[1] for c in settings.concepts},
+                 seeds=len(seeds))
+    return out / "index.html"
