@@ -141,11 +141,31 @@ class Method:
         """Add adapters/tokens; return optimizer parameter groups."""
         raise NotImplementedError
 
+    def trainable_denoiser_params(self) -> dict[str, torch.nn.Parameter]:
+        """The denoiser weights this method trains, by name (checkpoints save exactly these)."""
+        return {}
+
+    def token_group(self, lr: float | None = None) -> dict:
+        """The optimizer group of the new tokens' rows: no weight decay, so no other row ever moves."""
+        group = {"params": [self.tokens.make_trainable()], "weight_decay": 0.0}
+        if lr is not None:
+            group["lr"] = lr
+        return group
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        state = {f"denoiser.{k}": p.detach().clone() for k, p in self.trainable_denoiser_params().items()}
+        if self.tokens is not None:
+            state.update(self.tokens.state())
+        return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        params = self.trainable_denoiser_params()
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.startswith("denoiser."):
+                    params[k[len("denoiser."):]].copy_(v)
+        if self.tokens is not None:
+            self.tokens.load_state(state)
 
     def encode(self, prompts: list[str]) -> dict:
         if self.tokens is not None:

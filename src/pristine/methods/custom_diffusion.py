@@ -34,20 +34,10 @@ class CustomDiffusion(Method):
         params = list(cross_attention_kv(self.backbone.denoiser).values())
         for p in params:
             p.requires_grad_(True)
-        return [{"params": params},
-                {"params": [self.tokens.make_trainable()], "lr": self.config.token_lr, "weight_decay": 0.0}]
+        return [{"params": params}, self.token_group(self.config.token_lr)]
 
-    def trainable_state(self):
-        return {**{f"denoiser.{k}": v.detach().clone() for k, v in cross_attention_kv(self.backbone.denoiser).items()},
-                **self.tokens.state()}
-
-    def load_trainable_state(self, state):
-        params = cross_attention_kv(self.backbone.denoiser)
-        with torch.no_grad():
-            for k, v in state.items():
-                if k.startswith("denoiser."):
-                    params[k[len("denoiser."):]].copy_(v)
-        self.tokens.load_state(state)
+    def trainable_denoiser_params(self):
+        return cross_attention_kv(self.backbone.denoiser)
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         path = out_dir / WEIGHTS

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .base import Method, MethodConfig, TokenEmbeddings, register
 
 
@@ -25,18 +23,13 @@ class DreamBooth(Method):
     def setup(self) -> list[dict]:
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)
         self.backbone.denoiser.requires_grad_(True)
-        groups = [{"params": [p for p in self.backbone.denoiser.parameters()]}]
+        groups = [{"params": list(self.backbone.denoiser.parameters())}]
         if self.config.train_token:
-            groups.append({"params": [self.tokens.make_trainable()], "lr": self.config.token_lr, "weight_decay": 0.0})
+            groups.append(self.token_group(self.config.token_lr))
         return groups
 
-    def trainable_state(self):
-        return {**{f"denoiser.{k}": v.detach().clone() for k, v in self.backbone.denoiser.state_dict().items()},
-                **self.tokens.state()}
-
-    def load_trainable_state(self, state):
-        self.backbone.denoiser.load_state_dict({k[len("denoiser."):]: v for k, v in state.items() if k.startswith("denoiser.")})
-        self.tokens.load_state(state)
+    def trainable_denoiser_params(self):
+        return dict(self.backbone.denoiser.named_parameters())
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         import shutil

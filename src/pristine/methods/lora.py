@@ -30,14 +30,14 @@ def add_lora(denoiser, config: LoraConfig, name: str) -> list[torch.nn.Parameter
     denoiser.add_adapter(PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                         init_lora_weights="gaussian", target_modules=list(config.targets)),
                          adapter_name=name)
-    params = [p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n]
+    params = list(lora_params(denoiser, name).values())
     for p in params:
         p.requires_grad_(True)
     return params
 
 
-def lora_state(denoiser, name: str) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n}
+def lora_params(denoiser, name: str) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n}
 
 
 def save_lora(pipeline_cls, denoiser, name: str, config: LoraConfig, out_dir: Path) -> Path:
@@ -67,19 +67,11 @@ class LoRA(Method):
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)
         groups = [{"params": add_lora(self.backbone.denoiser, self.config, ADAPTER)}]
         if self.config.train_token:
-            groups.append({"params": [self.tokens.make_trainable()], "lr": self.config.token_lr, "weight_decay": 0.0})
+            groups.append(self.token_group(self.config.token_lr))
         return groups
 
-    def trainable_state(self):
-        return {**{f"denoiser.{k}": v for k, v in lora_state(self.backbone.denoiser, ADAPTER).items()}, **self.tokens.state()}
-
-    def load_trainable_state(self, state):
-        params = dict(self.backbone.denoiser.named_parameters())
-        with torch.no_grad():
-            for k, v in state.items():
-                if k.startswith("denoiser."):
-                    params[k[len("denoiser."):]].copy_(v)
-        self.tokens.load_state(state)
+    def trainable_denoiser_params(self):
+        return lora_params(self.backbone.denoiser, ADAPTER)
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         pipe_cls = type(self.backbone.pipeline())

@@ -21,13 +21,7 @@ class TextualInversion(Method):
 
     def setup(self) -> list[dict]:
         self.tokens = TokenEmbeddings(self.backbone, self.concepts, self.config.vectors)
-        return [{"params": [self.tokens.make_trainable()], "weight_decay": 0.0}]
-
-    def trainable_state(self):
-        return self.tokens.state()
-
-    def load_trainable_state(self, state):
-        self.tokens.load_state(state)
+        return [self.token_group()]
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         return [self.tokens.save(out_dir)]
