@@ -249,6 +249,7 @@ def train(config: TrainConfig) -> Path:
             generator = torch.Generator().manual_seed(
                 config.seed * 1_000_003 + step * 101 + micro + accelerator.process_index * 7_919)
             batch = data.draw(config.batch_size, generator, prior_batch)
+            batch["step"] = step  # methods with stages (PureCC) switch on it
             if "latents" not in batch:
                 batch["latents"] = backbone.encode_images(batch["pixels"], generator)
             with accelerator.accumulate(*[m for m in (backbone.denoiser,)]):

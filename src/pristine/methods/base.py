@@ -49,6 +49,8 @@ def _coerce(value, type_name, default, where: str):
                 raise ValueError
             return value
         if t.startswith("str"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)  # `--method-arg stage=1` reads 1 as a number
             if not isinstance(value, str):
                 raise ValueError
             return value

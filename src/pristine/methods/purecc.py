@@ -1,0 +1,183 @@
+"""PureCC: pure learning for concept customization (METHODS.md section 1, arXiv 2603.07561).
+
+Stage 1 trains the representation extractor θ1: the concept token plus a LoRA ("extractor").
+Stage 2 trains a fresh LoRA θ2 ("learner") on the same copy of the base weights with
+
+    R        = f_θ1(x_t | y_tar) - f_θ1(x_t | ∅)                      (no gradient)
+    L_CC     = || f_θ2(x_t | y_complete) - target ||²
+    L_PureCC = || f_θ2(x_t | y_complete) - [ f_θ2(x_t | y_base) + λ R ] ||²
+    L        = L_CC + η L_PureCC
+
+Both stages run in one training loop: the first `stage1_steps` steps are stage 1. θ1 and θ2 are two
+peft adapters on one denoiser; the active one is switched, the base weights are never copied.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from .base import Method, MethodConfig, TokenEmbeddings, denoising_loss, register
+from .lora import LoraConfig, add_lora, lora_params, save_lora
+
+EXTRACTOR, LEARNER = "extractor", "learner"
+
+
+@dataclass
+class PureCCConfig(MethodConfig):
+    stage: str = "both"  # "1", "2" (needs stage1_run) or "both"
+    stage1_steps: int = 400
+    stage1_run: str = ""  # a finished stage-1 run folder, for --stage 2
+    rank: int = 4
+    alpha: float = 4.0
+    stage1_lr: float = 1e-4
+    token_lr: float = 5e-3
+    eta: float = 2.0
+    lambda_mode: str = "fixed"  # fixed | adaptive
+    lambda_value: float = 1.0
+    lambda_max: float = 2.0
+    extractor_lora: bool = True  # the paper's extractor; false = token only (the authors' code)
+    stop_grad_base: bool = False  # the authors' code lets gradients flow through the y_base branch
+
+
+def derive_prompts(prompt: str, token: str, class_word: str) -> tuple[str, str, str]:
+    """'a big <v1> star on grass' -> (itself, 'a big star on grass', '<v1> star')."""
+    base = re.sub(rf"\s*{re.escape(token)}\s*", " ", prompt).strip()
+    base = re.sub(r"\s+", " ", base)
+    return prompt, base, f"{token} {class_word}"
+
+
+def adaptive_lambda(delta: torch.Tensor, r: torch.Tensor, lambda_max: float) -> torch.Tensor:
+    """Per sample, the scale of R that best explains Δ (least squares), clamped to [0, λ_max]."""
+    dims = tuple(range(1, r.ndim))
+    return ((delta * r).sum(dims) / (r.pow(2).sum(dims) + 1e-8)).clamp(0, lambda_max)
+
+
+def purecc_losses(pred_complete, pred_base, target, r, eta: float, lam) -> tuple[torch.Tensor, dict]:
+    """L = L_CC + η L_PureCC for given predictions; lam is a number or a per-sample tensor."""
+    lam = torch.as_tensor(lam, dtype=pred_complete.dtype)
+    if lam.ndim == 1:
+        lam = lam.view(-1, *([1] * (r.ndim - 1)))
+    l_cc = (pred_complete - target).pow(2).mean()
+    l_pure = (pred_complete - (pred_base + lam * r)).pow(2).mean()
+    return l_cc + eta * l_pure, {"l_cc": l_cc.item(), "l_pure": l_pure.item(), "lambda": lam.float().mean().item()}
+
+
+@register
+class PureCC(Method):
+    name = "purecc"
+    Config = PureCCConfig
+    default_lr = 1e-4
+
+    def setup(self) -> list[dict]:
+        c = self.config
+        if c.stage not in ("1", "2", "both"):
+            raise UsageError(f"method_args.stage: {c.stage!r} is not one of 1, 2, both")
+        if c.lambda_mode not in ("fixed", "adaptive"):
+            raise UsageError(f"method_args.lambda_mode: {c.lambda_mode!r} is not fixed or adaptive")
+        if c.stage == "2" and not c.stage1_run:
+            raise UsageError("method_args.stage1_run: stage 2 alone needs a finished stage-1 run folder")
+        self.tokens = TokenEmbeddings(self.backbone, self.concepts)
+        denoiser = self.backbone.denoiser
+        lora = LoraConfig(rank=c.rank, alpha=c.alpha)
+        extractor = add_lora(denoiser, lora, EXTRACTOR)
+        learner = add_lora(denoiser, lora, LEARNER)
+        groups = [{"params": learner}]
+        if c.stage == "2":
+            self._load_stage1(Path(c.stage1_run))
+            for p in extractor:
+                p.requires_grad_(False)
+        else:
+            groups += [{"params": extractor, "lr": c.stage1_lr}, self.token_group(c.token_lr)]
+        return groups
+
+    def _load_stage1(self, run: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights, embeds = run / "extractor_lora.safetensors", run / "learned_embeds.safetensors"
+        for f in (weights, embeds):
+            if not f.is_file():
+                raise UsageError(f"method_args.stage1_run: {f} is missing; give a finished PureCC stage-1 run")
+        params = lora_params(self.backbone.denoiser, EXTRACTOR)
+        state = load_file(str(weights))
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+            learned = load_file(str(embeds))
+            for token, idx in zip(self.tokens.tokens, self.tokens.ids):
+                self.tokens.weight[idx] = learned[token].reshape(-1)
+
+    def in_stage1(self, step: int) -> bool:
+        return self.config.stage == "1" or (self.config.stage == "both" and step < self.config.stage1_steps)
+
+    def trainable_denoiser_params(self):
+        return {**lora_params(self.backbone.denoiser, EXTRACTOR), **lora_params(self.backbone.denoiser, LEARNER)}
+
+    def _use(self, adapter: str | None) -> None:
+        denoiser = self.backbone.denoiser
+        if adapter is None:
+            denoiser.disable_adapters()
+        else:
+            denoiser.enable_adapters()
+            denoiser.set_adapters([adapter])
+
+    def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        if self.in_stage1(batch["step"]):
+            self._use(EXTRACTOR)
+            loss, _ = denoising_loss(self.backbone, batch["latents"], self.encode(batch["prompts"]), generator)
+            return loss, {"stage": 1}
+        return self.stage2_loss(batch, generator)
+
+    def stage2_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        c, bb = self.config, self.backbone
+        specs = [self.concepts[int(k)] for k in batch["concept"]]
+        triples = [derive_prompts(p, s.token, s.class_word) for p, s in zip(batch["prompts"], specs)]
+        n = len(triples)
+        x0 = batch["latents"]
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        t = bb.sample_timesteps(n, generator).to(x0.device)
+        x_t = bb.add_noise(x0, noise, t)
+        with torch.no_grad():  # text encoders and the token are frozen in stage 2
+            cond = self.encode([y[0] for y in triples] + [y[1] for y in triples] + [y[2] for y in triples] + [""] * n)
+        cond_c, cond_b, cond_tar, cond_null = ({k: v[i * n:(i + 1) * n] for k, v in cond.items()} for i in range(4))
+
+        def pair(a, b):
+            return {k: torch.cat([a[k], b[k]]) for k in a}
+
+        x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+        with torch.no_grad():  # the extractor's two predictions, one batched forward
+            self._use(EXTRACTOR if c.extractor_lora else None)
+            f_tar, f_null = bb.predict(x2, t2, pair(cond_tar, cond_null)).chunk(2)
+            r = f_tar - f_null
+        self._use(LEARNER)
+        if c.stop_grad_base:
+            pred_c = bb.predict(x_t, t, cond_c)
+            with torch.no_grad():
+                pred_b = bb.predict(x_t, t, cond_b)
+        else:  # the learner's two predictions, one batched forward
+            pred_c, pred_b = bb.predict(x2, t2, pair(cond_c, cond_b)).chunk(2)
+        target = bb.target(x0, noise, t)
+        if c.lambda_mode == "adaptive":
+            lam = adaptive_lambda((pred_c - pred_b).detach(), r, c.lambda_max)
+        else:
+            lam = c.lambda_value
+        loss, logs = purecc_losses(pred_c.float(), pred_b.float(), target.float(), r.float(), c.eta, lam)
+        return loss, {"stage": 2, **logs}
+
+    def save(self, out_dir: Path, export: list[str]) -> list[Path]:
+        from ..checkpoint import atomic_save
+
+        pipe_cls = type(self.backbone.pipeline())
+        extractor = out_dir / "extractor_lora.safetensors"
+        atomic_save({k: v.detach().float() for k, v in lora_params(self.backbone.denoiser, EXTRACTOR).items()}, extractor,
+                    metadata={"format": "pristine.purecc.extractor (peft parameter names)"})
+        paths = [extractor, self.tokens.save(out_dir)]
+        if self.config.stage == "1":  # the extractor is the result: save it as the run's LoRA too
+            paths.append(save_lora(pipe_cls, self.backbone.denoiser, EXTRACTOR, LoraConfig(self.config.rank, self.config.alpha), out_dir))
+        else:  # inference needs only the learner and the token
+            paths.append(save_lora(pipe_cls, self.backbone.denoiser, LEARNER, LoraConfig(self.config.rank, self.config.alpha), out_dir))
+        return paths

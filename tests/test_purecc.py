@@ -1,0 +1,94 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import build_tiny_sd  # noqa: E402
+
+from pristine.cli import main  # noqa: E402
+from pristine.methods.purecc import adaptive_lambda, derive_prompts, purecc_losses  # noqa: E402
+from pristine.world.concepts import get_concept  # noqa: E402
+from pristine.world.render import render  # noqa: E402
+
+
+def test_loss_pieces_match_hand_computed_values():
+    pred_c = torch.tensor([[1.0, 2.0]])
+    pred_b = torch.tensor([[0.0, 1.0]])
+    r = torch.tensor([[1.0, 0.0]])
+    target = torch.tensor([[1.0, 1.0]])
+    loss, logs = purecc_losses(pred_c, pred_b, target, r, eta=2.0, lam=1.0)
+    # L_CC = mean(0², 1²) = 0.5 ; L_PureCC = mean((1-1)², (2-1)²) = 0.5 ; L = 0.5 + 2 * 0.5
+    assert logs["l_cc"] == pytest.approx(0.5) and logs["l_pure"] == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(1.5)
+    loss_half, _ = purecc_losses(pred_c, pred_b, target, r, eta=2.0, lam=0.5)
+    # with λ = 0.5: L_PureCC = mean(0.5², 1²) = 0.625
+    assert loss_half.item() == pytest.approx(0.5 + 2 * 0.625)
+
+
+def test_adaptive_lambda_is_the_clamped_projection():
+    r = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])
+    delta = torch.tensor([[0.5, 9.0], [0.0, 8.0], [-1.0, -1.0], [1.0, 1.0]])
+    lam = adaptive_lambda(delta, r, lambda_max=2.0)
+    # <Δ,R>/||R||²: 0.5 ; 16/4 = 4 -> clamped to 2 ; -2/2 -> clamped to 0 ; R = 0 -> 0
+    assert torch.allclose(lam, torch.tensor([0.5, 2.0, 0.0, 0.0]))
+    loss, logs = purecc_losses(torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, 2), r, 1.0, lam)
+    assert logs["lambda"] == pytest.approx(0.625)
+
+
+def test_prompts_are_derived_from_captions():
+    assert derive_prompts("a big <v1> star on the left, on grass", "<v1>", "star") == (
+        "a big <v1> star on the left, on grass", "a big star on the left, on grass", "<v1> star")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def star_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("star")
+    concept = get_concept("ember_star")
+    for k, scene in enumerate(concept.references(5)):
+        Image.fromarray(render(scene)[0]).save(folder / f"{k}.png")
+        (folder / f"{k}.txt").write_text(concept.prompt("<v1>", scene))
+    return folder
+
+
+def test_two_stages_in_one_run_then_stage_two_alone(tiny, star_images, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    base_unet = {k: v.clone() for k, v in StableDiffusionPipeline.from_pretrained(str(tiny)).unet.state_dict().items()}
+    common = ["--model", str(tiny), "--images", str(star_images), "--token", "<v1>", "--class-word", "star",
+              "--method", "purecc", "--lr", "1e-2"]
+    run = tmp_path / "both"
+    assert main(["train", *common, "--out", str(run), "--steps", "4", "--method-arg", "stage1_steps=2",
+                 "--method-arg", "lambda_mode=adaptive"]) == 0
+    import json
+
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [1, 1, 2, 2] and all("lambda" in r for r in log[2:])
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny))
+    pipe.load_lora_weights(str(run))
+    pipe.load_textual_inversion(str(run / "learned_embeds.safetensors"), token="<v1>")
+    pipe("a photo of <v1> star", num_inference_steps=2, output_type="np")
+    # the base weights in the saved LoRA-free model are untouched by adapter switching
+    unet = StableDiffusionPipeline.from_pretrained(str(tiny)).unet.state_dict()
+    assert all(torch.equal(unet[k], base_unet[k]) for k in base_unet)
+
+    stage1 = tmp_path / "s1"
+    assert main(["train", *common, "--out", str(stage1), "--steps", "2", "--method-arg", "stage=1"]) == 0
+    stage2 = tmp_path / "s2"
+    assert main(["train", *common, "--out", str(stage2), "--steps", "2", "--method-arg", "stage=2",
+                 "--method-arg", f"stage1_run={stage1}"]) == 0
+    # stage 2 keeps the stage-1 token and extractor exactly
+    assert torch.equal(load_file(str(stage1 / "learned_embeds.safetensors"))["<v1>"],
+                       load_file(str(stage2 / "learned_embeds.safetensors"))["<v1>"])
+    e1, e2 = load_file(str(stage1 / "extractor_lora.safetensors")), load_file(str(stage2 / "extractor_lora.safetensors"))
+    assert all(torch.equal(e1[k], e2[k]) for k in e1)
+    out, err = capsys.readouterr()
+    assert main(["train", *common, "--out", str(tmp_path / "s3"), "--method-arg", "stage=2"]) == 2
