@@ -8,7 +8,6 @@ the same weights as one that never stopped.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

@@ -83,8 +83,18 @@ class StageSettings:
     seed: int = 0
 
 
+class StageHooks:
+    """What a stage adds to the loop besides its loss (the unet stage keeps an EMA)."""
+
+    def after_update(self, step: int) -> None: ...
+
+    def save(self) -> None: ...
+
+    def load(self) -> None: ...
+
+
 def run_stage(name: str, workdir: Path, model: torch.nn.Module, params, settings: StageSettings, loss_fn,
-              on_checkpoint=None, extra_state: dict | None = None) -> dict:
+              hooks: StageHooks | None = None) -> dict:
     """Train `params` with AdamW and a warm-up/cosine schedule, resuming from the stage's checkpoint.
 
     loss_fn(step, generator) returns (loss, logs); its batches must be drawn from `generator`
@@ -102,14 +112,11 @@ def run_stage(name: str, workdir: Path, model: torch.nn.Module, params, settings
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    hooks = hooks or StageHooks()
     start = 0
     if state_path.exists():
-        extra = load_training_state(state_path, model, optimizer, scheduler)
-        start = extra["step"]
-        if extra_state is not None and "extra_state" in extra:
-            extra_state.update(extra["extra_state"])
-        if on_checkpoint is not None:
-            on_checkpoint(start, resumed=True)
+        start = load_training_state(state_path, model, optimizer, scheduler)["step"]
+        hooks.load()
     if start >= settings.steps:
         return {"step": start}
     model.train()
@@ -126,16 +133,14 @@ def run_stage(name: str, workdir: Path, model: torch.nn.Module, params, settings
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
-            if on_checkpoint is not None:
-                on_checkpoint(step + 1, resumed=False, after_update=True)
+            hooks.after_update(step + 1)
             record = {"step": step + 1, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0], **logs}
             log.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{record['lr']:.2e}", it_s=f"{(step + 1 - start) / (time.time() - t0):.2f}")
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
                 log.flush()
-                if on_checkpoint is not None:
-                    on_checkpoint(step + 1, resumed=False)
-                save_training_state(state_path, model, optimizer, {"step": step + 1, "extra_state": extra_state or {}}, scheduler)
+                hooks.save()
+                save_training_state(state_path, model, optimizer, {"step": step + 1}, scheduler)
     return {"step": settings.steps}
 
 
@@ -242,6 +247,33 @@ def write_clip_processor(folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
+class EMA(StageHooks):
+    """An exponential moving average of a model's weights, saved beside the stage's checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, path: Path, decay: float):
+        self.model, self.path, self.decay = model, path, decay
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def after_update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # short memory early on
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.weights[k].mul_(decay).add_(v, alpha=1 - decay)
+                else:
+                    self.weights[k].copy_(v)
+
+    def save(self) -> None:
+        from ..checkpoint import atomic_save
+
+        atomic_save(self.weights, self.path)
+
+    def load(self) -> None:
+        from safetensors.torch import load_file
+
+        self.weights.update(load_file(str(self.path)))
+
+
 def _min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     alphas = scheduler.alphas_cumprod[t]
     snr = alphas / (1 - alphas)
@@ -256,7 +288,10 @@ def pretrain_unet(workdir: Path, out: Path, corpus: Path, settings: StageSetting
     from .tokenizer import load_tokenizer
 
     images, captions = load_corpus(corpus)
-    latents_path = workdir / "unet_latents.safetensors"
+    import hashlib
+
+    vae_hash = hashlib.sha1((out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:10]
+    latents_path = workdir / f"unet_latents_{corpus.stem}_vae{vae_hash}.safetensors"  # stale if either changes
     vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
     if latents_path.exists():
         from safetensors.torch import load_file
@@ -277,26 +312,7 @@ def pretrain_unet(workdir: Path, out: Path, corpus: Path, settings: StageSetting
     scheduler = arch.new_scheduler()
     torch.manual_seed(settings.seed)
     unet = arch.new_unet()
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema_path = workdir / "unet" / "ema.safetensors"
-
-    def on_checkpoint(step, resumed, after_update=False):
-        from safetensors.torch import load_file
-
-        from ..checkpoint import atomic_save
-
-        if resumed:
-            ema.update(load_file(str(ema_path)))
-        elif after_update:
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for k, v in unet.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema[k].mul_(decay).add_(v, alpha=1 - decay)
-                    else:
-                        ema[k].copy_(v)
-        else:
-            atomic_save(ema, ema_path)
+    ema = EMA(unet, workdir / "unet" / "ema.safetensors", ema_decay)
 
     def loss_fn(step, g):
         idx = _batch(len(latents), settings.batch_size, g)
@@ -315,8 +331,8 @@ def pretrain_unet(workdir: Path, out: Path, corpus: Path, settings: StageSetting
         loss = (per_sample * _min_snr_weights(scheduler, t)).mean()
         return loss, {"mse": round(per_sample.mean().item(), 5)}
 
-    run_stage("unet", workdir, unet, list(unet.parameters()), settings, loss_fn, on_checkpoint=on_checkpoint)
-    unet.load_state_dict(ema)
+    run_stage("unet", workdir, unet, list(unet.parameters()), settings, loss_fn, hooks=ema)
+    unet.load_state_dict(ema.weights)
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
     write_pipeline_files(out)
 

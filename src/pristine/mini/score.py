@@ -5,11 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from ..sample import generate
-from ..world import vocab
 from ..world.captions import caption
 from ..world.scene import Scene, SceneSampler
 
