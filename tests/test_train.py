@@ -158,6 +158,11 @@ method_args: {{rank: 2, alpha: 2}}
 out: {tmp_path / 'run'}
 steps: 2
 batch_size: 2
+mixed_precision: bf16
+gradient_accumulation: 2
+gradient_checkpointing: true
+lr_scheduler: cosine
+warmup_steps: 1
 concepts:
   - {{images: {star_images}, token: "<v1>", class_word: star}}
   - {{images: {heart}, token: "<v2>", class_word: heart}}
