@@ -240,6 +240,58 @@ def cmd_bench_mini(args) -> None:
     print(f"report: {run_bench(Path(args.out), settings)}")
 
 
+def cmd_eval(args) -> None:
+    from .eval.real_metrics import RealMetrics, read_image_folder
+
+    metrics = RealMetrics(args.clip, args.dino)  # fails first when no metric model is given
+    references = read_image_folder(Path(args.references), need_prompts=False)[0] if args.references else []
+    if args.preset == "dreambench":
+        images, prompts, references = _dreambench_images(args, references)
+    elif args.preset:
+        raise UsageError(f"--preset {args.preset!r} is unknown; the preset is dreambench")
+    else:
+        if not args.images:
+            raise UsageError("give --images DIR (pictures with prompts) or --preset dreambench")
+        images, prompts = read_image_folder(Path(args.images))
+    if args.token:
+        prompts = [p.replace(f"{args.token} ", "").replace(args.token, "") for p in prompts]
+    result = metrics.score(images, prompts, references)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:<10} {v:.4f}" if isinstance(v, float) else f"{k:<10} {v}")
+
+
+def _dreambench_images(args, references):
+    """Generate the DreamBench protocol for one subject: 25 prompts x 4 images, saved with their prompts."""
+    from PIL import Image
+
+    from .eval.dreambench import IMAGES_PER_PROMPT, prompts_for, shared_dir
+    from .eval.real_metrics import read_image_folder
+    from .sample import generate, load_pipeline
+
+    if not args.subject or not args.token:
+        raise UsageError("--preset dreambench needs --subject NAME and --token (the run's token)")
+    cls, prompts = prompts_for(args.subject, args.token)
+    if not references:
+        references = read_image_folder(shared_dir() / "256" / args.subject, need_prompts=False)[0]
+    pipe = load_pipeline(args.model, args.adapter)
+    all_prompts = [p for p in prompts for _ in range(IMAGES_PER_PROMPT)]
+    seeds = list(range(IMAGES_PER_PROMPT)) * len(prompts)
+    arrays = generate(pipe, all_prompts, seeds, steps=args.steps, guidance=args.guidance, desc="dreambench")
+    images = [Image.fromarray(a) for a in arrays]
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, (im, p) in enumerate(zip(images, all_prompts)):
+            im.save(out / f"{i:04d}.png")
+            lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": p}))
+        (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return images, all_prompts, references
+
+
 # ---- pristine demo -------------------------------------------------------------------------------
 
 
@@ -352,6 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
     bm.set_defaults(func=cmd_bench_mini)
+
+    ev = sub.add_parser("eval", help="CLIP-T, CLIP-I and DINO with metric models from local folders")
+    ev.add_argument("--images", help="generated pictures with prompts (metadata.jsonl or .txt beside each)")
+    ev.add_argument("--references", help="the subject's real pictures (CLIP-I, DINO)")
+    ev.add_argument("--clip", help="a local transformers CLIPModel folder")
+    ev.add_argument("--dino", help="a local ViT / DINOv2 model folder")
+    ev.add_argument("--token", help="removed from prompts before CLIP-T")
+    ev.add_argument("--preset", help="dreambench: 25 prompts x 4 images for --subject, generated from --model/--adapter")
+    ev.add_argument("--subject")
+    ev.add_argument("--model", default="mini")
+    ev.add_argument("--adapter")
+    ev.add_argument("--out", help="where the preset's pictures go")
+    ev.add_argument("--steps", type=_positive("--steps"), default=50)
+    ev.add_argument("--guidance", type=float, default=5.0)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="the demo on pristine-mini: writes out/demo/index.html")
     demo.add_argument("--out", default="out/demo")

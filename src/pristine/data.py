@@ -81,6 +81,23 @@ def _read_captions(folder: Path) -> dict[str, str]:
     return captions
 
 
+def read_folder(folder: Path) -> tuple[list[Path], list[Image.Image], list[str | None]]:
+    """Every image in a folder (RGB, checked) with its caption if it has one (.txt beside it, or metadata.jsonl)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
+    listed = _read_captions(folder)
+    images, texts = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(to_rgb(im))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UsageError(f"{path}: not a readable image ({type(e).__name__}); remove or replace it")
+        txt = path.with_suffix(".txt")
+        texts.append(txt.read_text().strip() if txt.is_file() else listed.get(path.name))
+    return files, images, texts
+
+
 @dataclass
 class ConceptImages:
     """A concept's images, loaded and checked, with one caption each."""
@@ -97,25 +114,11 @@ class ConceptImages:
             raise UsageError(f"images folder {folder} does not exist; give a folder of the concept's images")
         if not folder.is_dir():
             raise UsageError(f"images {folder} is not a folder; give a folder of the concept's images")
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and "_mask" not in p.stem)
+        files, images, texts = read_folder(folder)
         if not files:
             raise UsageError(f"images folder {folder} holds no images (.png, .jpg, .jpeg, .webp); add 3-20 pictures of the concept")
-        listed = _read_captions(folder)
-        images, captions = [], []
-        for i, path in enumerate(files):
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    images.append(to_rgb(im))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise UsageError(f"{path}: not a readable image ({type(e).__name__}); remove or replace it")
-            text = None
-            txt = path.with_suffix(".txt")
-            if txt.is_file():
-                text = txt.read_text().strip()
-            elif path.name in listed:
-                text = listed[path.name]
+        captions = []
+        for i, (path, text) in enumerate(zip(files, texts)):
             if text is None:
                 text = TEMPLATES[i % len(TEMPLATES)].format(token=spec.token, cls=spec.class_word)
             elif spec.token not in text:
