@@ -7,7 +7,6 @@ export HF_HUB_OFFLINE := 1
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # the CPU build from local disk; see README
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
