@@ -195,6 +195,10 @@ def train(config: TrainConfig) -> Path:
     method = method_cls(method_config, backbone, config.concepts)
     groups = method.setup()  # checks the tokens: the run folder is made only once everything is valid
     out.mkdir(parents=True, exist_ok=True)
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
+        AcceleratorState._reset_state()  # a second run in one process (API, demo, benchmarks) with another precision
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
                               log_with="tensorboard", project_dir=str(out / "logs"))
     lr = config.lr or method_cls.default_lr
