@@ -3,15 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import build_tiny_sd  # noqa: E402
 
 from pristine.cli import main  # noqa: E402
 from pristine.methods.purecc import adaptive_lambda, derive_prompts, purecc_losses  # noqa: E402
-from pristine.world.concepts import get_concept  # noqa: E402
-from pristine.world.render import render  # noqa: E402
 
 
 def test_loss_pieces_match_hand_computed_values():
@@ -41,21 +37,6 @@ def test_adaptive_lambda_is_the_clamped_projection():
 def test_prompts_are_derived_from_captions():
     assert derive_prompts("a big <v1> star on the left, on grass", "<v1>", "star") == (
         "a big <v1> star on the left, on grass", "a big star on the left, on grass", "<v1> star")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def star_images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("star")
-    concept = get_concept("ember_star")
-    for k, scene in enumerate(concept.references(5)):
-        Image.fromarray(render(scene)[0]).save(folder / f"{k}.png")
-        (folder / f"{k}.txt").write_text(concept.prompt("<v1>", scene))
-    return folder
 
 
 def test_two_stages_in_one_run_then_stage_two_alone(tiny, star_images, tmp_path, capsys):

@@ -17,19 +17,6 @@ from pristine.world.render import render  # noqa: E402
 METHODS = ("lora", "textual_inversion", "dreambooth", "custom_diffusion")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def star_images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("star")
-    for k, scene in enumerate(get_concept("ember_star").references(5)):
-        Image.fromarray(render(scene)[0]).save(folder / f"{k}.png")
-    return folder
-
-
 def train_cli(capsys, *argv):
     code = main(["train", *argv])
     out, err = capsys.readouterr()
