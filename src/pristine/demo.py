@@ -43,16 +43,12 @@ def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: i
     from .eval.oracle_metrics import change, concept_hits, context_adherence
     from .sample import generate, load_pipeline
     from .train import TrainConfig, train
-    from .world import render
+    from .world.export import write_concept_folder
     from .world.concepts import get_concept
 
     out.mkdir(parents=True, exist_ok=True)
     concept = get_concept(DEMO_CONCEPT)
-    images_dir = out / "concept_images"
-    images_dir.mkdir(exist_ok=True)
-    for k, scene in enumerate(concept.references(5)):
-        Image.fromarray(render(scene)[0]).save(images_dir / f"{k:02d}.png")
-        (images_dir / f"{k:02d}.txt").write_text(concept.prompt(TOKEN, scene))
+    images_dir = write_concept_folder(concept, TOKEN, out / "concept_images")
 
     oracle = mini.load_oracle()
     rng = np.random.default_rng(seed)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..world.concepts import DEV_CONCEPTS, FINAL_CONCEPTS, Concept, get_concept
 from ..world.scene import Scene, WorldObject, positions_compatible
@@ -96,28 +95,15 @@ def prompts_for(concept: Concept) -> tuple[list[Scene], list[str], list[str]]:
 
 
 class Judges:
-    """The oracle and the mini CLIP, with the per-concept reference embeddings they compare against."""
+    """The oracle and the mini CLIP (scored with the same code as real models' CLIP)."""
 
     def __init__(self):
         from .. import mini
+        from .real_metrics import RealMetrics
 
         self.oracle = mini.load_oracle()
-        self.clip, self.processor = mini.load_clip()
-
-    @torch.no_grad()
-    def clip_images(self, images) -> torch.Tensor:
-        inputs = self.processor(images=list(images), return_tensors="pt")
-        return torch.nn.functional.normalize(_projected(self.clip.get_image_features(**inputs)), dim=-1)
-
-    @torch.no_grad()
-    def clip_texts(self, texts) -> torch.Tensor:
-        inputs = self.processor(text=list(texts), return_tensors="pt", padding=True)
-        return torch.nn.functional.normalize(_projected(self.clip.get_text_features(**inputs)), dim=-1)
-
-
-def _projected(features) -> torch.Tensor:
-    """transformers 5 wraps the projected features in an output object; 4.x returned the tensor."""
-    return features if torch.is_tensor(features) else features.pooler_output
+        clip = RealMetrics(clip=str(Path(mini.path()) / "clip"))
+        self.clip_images, self.clip_texts = clip.clip_images, clip.clip_texts
 
 
 def context_right(reading: dict, scene: Scene) -> dict[str, float]:
@@ -236,12 +222,10 @@ def summarize(records: list[dict]) -> dict:
 
 
 def run_bench(out: Path, settings: BenchSettings) -> Path:
-    from PIL import Image
-
     from ..data import ConceptSpec
     from ..sample import generate, load_pipeline
     from ..train import TrainConfig, train
-    from ..world import render
+    from ..world.export import write_concept_folder
 
     out.mkdir(parents=True, exist_ok=True)
     judges = Judges()
@@ -257,11 +241,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
 
     for concept in settings.concepts:
         scenes, concept_prompts, class_prompts = prompts_for(concept)
-        images_dir = out / "data" / concept.name
-        images_dir.mkdir(parents=True, exist_ok=True)
-        for k, scene in enumerate(concept.references(5)):
-            Image.fromarray(render(scene)[0]).save(images_dir / f"{k:02d}.png")
-            (images_dir / f"{k:02d}.txt").write_text(concept.prompt(TOKEN, scene))
+        images_dir = write_concept_folder(concept, TOKEN, out / "data" / concept.name)
         original = {"class": draw(base, class_prompts, "original"), "unrelated": draw(base, UNRELATED, "original")}
         grids[concept.name] = {"original": original["class"]}
         for method in settings.methods:

@@ -51,3 +51,12 @@ def write_renders(out: Path, n: int, seed: int = 0, size: int = 32, part: str = 
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, out / "metadata.jsonl")
     return out
+
+
+def write_concept_folder(concept, token: str, folder: Path, n: int = 5) -> Path:
+    """A concept's references as a user brings them: PNGs with a caption (.txt) naming the token."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, scene in enumerate(concept.references(n)):
+        Image.fromarray(render(scene)[0]).save(folder / f"{k:02d}.png")
+        (folder / f"{k:02d}.txt").write_text(concept.prompt(token, scene))
+    return folder
