@@ -235,8 +235,8 @@ def cmd_bench_mini(args) -> None:
     except KeyError as e:
         raise UsageError(f"--concepts: {e.args[0]}")
     settings = BenchSettings(methods, concepts, seeds=args.seeds or (2 if args.quick else 4),
-                             sample_steps=args.sample_steps or (25 if args.quick else 50),
-                             train_steps=args.train_steps or (150 if args.quick else None))
+                             sample_steps=args.sample_steps or (20 if args.quick else 30),
+                             train_steps=args.train_steps or (80 if args.quick else None))
     print(f"report: {run_bench(Path(args.out), settings)}")
 
 
@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--methods", default="lora,textual_inversion,dreambooth,custom_diffusion")
     bm.add_argument("--concepts", default="dev", help="dev (12), final (4 kept apart), or concept names")
     bm.add_argument("--out", required=True)
-    bm.add_argument("--quick", action="store_true", help="3 concepts, fewer seeds, steps and samples")
+    bm.add_argument("--quick", action="store_true",
+                    help="a smoke run: 3 concepts, 2 seeds, 80 training steps, 20 sampling steps")
     bm.add_argument("--seeds", type=_positive("--seeds"))
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))

@@ -35,6 +35,13 @@ BUDGETS = {
     "textual_inversion": dict(steps=300, batch_size=4, lr=5e-3),
     "dreambooth": dict(steps=300, batch_size=4, lr=5e-5),
     "custom_diffusion": dict(steps=300, batch_size=4, lr=1e-4),
+    # PureCC (METHODS.md 1): stage 1 (token + extractor LoRA) then stage 2 (a fresh learner LoRA), each
+    # with LoRA's steps, rank and learning rate; the paper's η = 2 and λ = 1 (or adaptive).
+    "purecc": dict(steps=600, batch_size=4, lr=1e-3, method="purecc",
+                   method_args={"rank": 4, "alpha": 4, "stage1_steps": 300, "stage1_lr": 1e-3, "token_lr": 5e-3}),
+    "purecc_adaptive": dict(steps=600, batch_size=4, lr=1e-3, method="purecc",
+                            method_args={"rank": 4, "alpha": 4, "stage1_steps": 300, "stage1_lr": 1e-3, "token_lr": 5e-3,
+                                         "lambda_mode": "adaptive"}),
 }
 # (position, background, size, style, second object or None)
 CONTEXTS = [
@@ -58,7 +65,7 @@ class BenchSettings:
     methods: list[str]
     concepts: list[Concept]
     seeds: int = 4
-    sample_steps: int = 50
+    sample_steps: int = 30
     guidance: float = 5.0
     train_steps: int | None = None  # overrides the budget (quick runs)
 
@@ -221,7 +228,33 @@ def summarize(records: list[dict]) -> dict:
 # ---- the run -----------------------------------------------------------------------------------
 
 
+def _fingerprint(settings: BenchSettings) -> str:
+    """What a cached sample set depends on besides the method and the concept."""
+    return json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps, "guidance": settings.guidance,
+                       "train_steps": settings.train_steps}, sort_keys=True)
+
+
+def _load_cached(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        if str(f["fingerprint"]) != fingerprint:
+            return None
+        return {k: list(f[k]) for k in f.files if k != "fingerprint"}
+
+
+def _save_cached(path: Path, fingerprint: str, arrays: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, fingerprint=np.array(fingerprint), **{k: np.stack(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+
+
 def run_bench(out: Path, settings: BenchSettings) -> Path:
+    """Train, draw and score every (method, concept); finished pieces are kept on disk, so a run that
+    stops resumes where it was and a later run with more methods only does the new ones."""
+    import time
+
     from ..data import ConceptSpec
     from ..sample import generate, load_pipeline
     from ..train import TrainConfig, train
@@ -230,32 +263,49 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     judges = Judges()
     seeds = list(range(settings.seeds))
+    fingerprint = _fingerprint(settings)
     base = load_pipeline("mini")
     records: list[dict] = []
+    timings: dict[str, dict[str, dict]] = {}
     grids: dict[str, dict[str, list]] = {}
 
     def draw(pipe, prompts, desc):
         all_prompts = [p for p in prompts for _ in seeds]
         return generate(pipe, all_prompts, seeds * len(prompts), steps=settings.sample_steps,
-                        guidance=settings.guidance, desc=desc)
+                        guidance=settings.guidance, desc=desc, batch=len(all_prompts))
 
     for concept in settings.concepts:
         scenes, concept_prompts, class_prompts = prompts_for(concept)
         images_dir = write_concept_folder(concept, TOKEN, out / "data" / concept.name)
-        original = {"class": draw(base, class_prompts, "original"), "unrelated": draw(base, UNRELATED, "original")}
+        original_file = out / "samples" / "original" / f"{concept.name}.npz"
+        original = _load_cached(original_file, fingerprint)
+        if original is None:
+            original = {"class": draw(base, class_prompts, "original"), "unrelated": draw(base, UNRELATED, "original")}
+            _save_cached(original_file, fingerprint, original)
         grids[concept.name] = {"original": original["class"]}
         for method in settings.methods:
             budget = dict(BUDGETS[method])
             method_name = budget.pop("method", method)
             if settings.train_steps:
                 budget["steps"] = settings.train_steps
+                if "stage1_steps" in budget.get("method_args", {}):  # two-stage methods: half each
+                    budget["method_args"] = {**budget["method_args"], "stage1_steps": settings.train_steps // 2}
             run = out / "runs" / method / concept.name
-            if not (run / "DONE").exists():
-                train(TrainConfig(out=str(run), model="mini", method=method_name, seed=0, resume="latest",
-                                  concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **budget))
-            pipe = load_pipeline("mini", str(run))
-            custom = {"concept": draw(pipe, concept_prompts, method), "class": draw(pipe, class_prompts, method),
-                      "unrelated": draw(pipe, UNRELATED, method)}
+            samples_file = out / "samples" / method / f"{concept.name}.npz"
+            timing_file = samples_file.with_suffix(".json")
+            custom = _load_cached(samples_file, fingerprint)
+            if custom is None or not (run / "DONE").exists():
+                t0 = time.perf_counter()
+                if not (run / "DONE").exists():
+                    train(TrainConfig(out=str(run), model="mini", method=method_name, seed=0, resume="latest",
+                                      concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **budget))
+                t1 = time.perf_counter()
+                pipe = load_pipeline("mini", str(run))
+                custom = {"concept": draw(pipe, concept_prompts, method), "class": draw(pipe, class_prompts, method),
+                          "unrelated": draw(pipe, UNRELATED, method)}
+                _save_cached(samples_file, fingerprint, custom)
+                timing_file.write_text(json.dumps({"train_s": round(t1 - t0, 1), "sample_s": round(time.perf_counter() - t1, 1)}))
+            timings.setdefault(method, {})[concept.name] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
             grids[concept.name][method] = custom["concept"]
             for r in score_concept(judges, concept, scenes, concept_prompts, class_prompts, seeds, original, custom):
                 records.append({"method": method, "concept": concept.name, **r})
@@ -264,6 +314,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
                      "sample_steps": settings.sample_steps, "guidance": settings.guidance,
                      "budgets": {m: BUDGETS[m] for m in settings.methods}, "train_steps": settings.train_steps},
         "summary": {m: summarize([r for r in records if r["method"] == m]) for m in settings.methods},
+        "timings": timings,
         "records": records,
     }
     tmp = out / "results.json.tmp"

@@ -68,8 +68,10 @@ def _coerce(value, type_name, default, where: str):
 class TokenEmbeddings:
     """New tokens in the text encoder(s); only their rows learn, every other row stays bit-identical.
 
-    The whole embedding matrix takes gradients, a hook zeroes all rows but the new ones, and the
-    optimizer group has no weight decay: Adam's moments for the other rows stay zero, so they never move.
+    The new rows live in a small parameter of their own that a forward hook puts in place of the
+    embedding's output wherever a new token's id appears: the optimizer then holds (n_tokens, dim)
+    values instead of the whole (vocabulary, dim) matrix, which made each step and each checkpoint
+    cost as much as the vocabulary. `write_back` copies the rows into the matrix for saving a model.
     """
 
     def __init__(self, backbone, concepts: list[ConceptSpec], vectors_per_token: int = 1):
@@ -77,29 +79,43 @@ class TokenEmbeddings:
         self.tokens = {c.token: vectors_per_token for c in concepts}
         self.ids = backbone.add_tokens([c.token for c in concepts], [c.init_word or c.class_word for c in concepts],
                                        vectors_per_token)
-        self.weight = backbone.text_encoder.get_input_embeddings().weight
+        self.embedding = backbone.text_encoder.get_input_embeddings()
+        self.weight = self.embedding.weight
+        self.rows = torch.nn.Parameter(self.weight[self.ids].detach().clone(), requires_grad=False)
+        self._id_tensor = torch.tensor(self.ids)
         self._hook = None
 
     def make_trainable(self) -> torch.nn.Parameter:
-        self.weight.requires_grad_(True)
-        mask = torch.zeros(self.weight.shape[0], 1, dtype=self.weight.dtype)
-        mask[self.ids] = 1
-        self._hook = self.weight.register_hook(lambda g: g * mask)
-        return self.weight
+        self.rows.requires_grad_(True)
+        if self._hook is None:
+            self._hook = self.embedding.register_forward_hook(self._substitute)
+        return self.rows
+
+    def _substitute(self, module, args, output):
+        hit = args[0].unsqueeze(-1) == self._id_tensor.to(args[0].device)  # (..., n_new)
+        if not bool(hit.any()):
+            return output
+        rows = hit.to(self.rows.dtype) @ self.rows  # each position's new row (zero where none)
+        return torch.where(hit.any(-1, keepdim=True), rows.to(output.dtype), output)
+
+    def write_back(self) -> None:
+        with torch.no_grad():
+            self.weight[self.ids] = self.rows.detach().to(self.weight.dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"token.{i}": self.weight[i].detach().clone() for i in self.ids}
+        return {f"token.{i}": self.rows[k].detach().clone() for k, i in enumerate(self.ids)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for i in self.ids:
-                self.weight[i] = state[f"token.{i}"]
+            for k, i in enumerate(self.ids):
+                self.rows[k] = state[f"token.{i}"]
+        self.write_back()
 
     def learned_embeds(self) -> dict[str, torch.Tensor]:
         """{token: (n_vectors, dim)}: the layout diffusers' load_textual_inversion reads."""
         out, k = {}, 0
         for token, n in self.tokens.items():
-            out[token] = torch.stack([self.weight[self.ids[k + j]].detach() for j in range(n)])
+            out[token] = self.rows[k:k + n].detach().clone()
             k += n
         return out
 
@@ -172,7 +188,8 @@ class Method:
     def encode(self, prompts: list[str]) -> dict:
         if self.tokens is not None:
             prompts = [self.tokens.prompt(p) for p in prompts]
-        if any(p.requires_grad for te in self.backbone.text_encoders for p in te.parameters()):
+        if (self.tokens is not None and self.tokens.rows.requires_grad) or any(
+                p.requires_grad for te in self.backbone.text_encoders for p in te.parameters()):
             return self.backbone.encode_prompts(prompts)
         # the text side is frozen: each prompt is encoded once
         cache = self.__dict__.setdefault("_text_cache", {})

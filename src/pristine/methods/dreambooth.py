@@ -36,6 +36,7 @@ class DreamBooth(Method):
 
         tmp, final = out_dir / ".model.tmp", out_dir / "model"
         shutil.rmtree(tmp, ignore_errors=True)
+        self.tokens.write_back()  # the saved text encoder carries the learned token
         self.backbone.pipeline().save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -108,8 +108,9 @@ class PureCC(Method):
             for k, v in state.items():
                 params[k].copy_(v)
             learned = load_file(str(embeds))
-            for token, idx in zip(self.tokens.tokens, self.tokens.ids):
-                self.tokens.weight[idx] = learned[token].reshape(-1)
+            for k, token in enumerate(self.tokens.tokens):
+                self.tokens.rows[k] = learned[token].reshape(-1)
+        self.tokens.write_back()
 
     def in_stage1(self, step: int) -> bool:
         return self.config.stage == "1" or (self.config.stage == "both" and step < self.config.stage1_steps)
