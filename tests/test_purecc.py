@@ -73,3 +73,15 @@ def test_two_stages_in_one_run_then_stage_two_alone(tiny, star_images, tmp_path,
     assert all(torch.equal(e1[k], e2[k]) for k in e1)
     out, err = capsys.readouterr()
     assert main(["train", *common, "--out", str(tmp_path / "s3"), "--method-arg", "stage=2"]) == 2
+
+
+def test_step_cost_measures_each_method_in_its_own_process(tiny, star_images, tmp_path):
+    from pristine.eval.stepcost import run
+
+    methods = {"lora": {"method": "lora"}, "purecc": {"method": "purecc"}}
+    results = run(methods, str(star_images), "<v1>", "star", tmp_path, model=str(tiny), steps=3, batch_size=2)
+    assert (tmp_path / "stepcost.json").is_file() and (tmp_path / "purecc_stage1" / "DONE").is_file()
+    for r in results.values():
+        assert r["s_per_step"] > 0 and r["peak_bytes_process"] > 0 and r["peak_bytes_above_loaded"] >= 0
+    assert results["lora"]["time_vs_first"] == 1.0
+    assert results["purecc"]["method_args"]["stage"] == "2"  # stage 2 is what was timed

@@ -240,6 +240,31 @@ def cmd_bench_mini(args) -> None:
     print(f"report: {run_bench(Path(args.out), settings)}")
 
 
+def cmd_bench_steps(args) -> None:
+    from .eval.minibench import BUDGETS, TOKEN
+    from .eval.stepcost import run
+    from .world.concepts import get_concept
+    from .world.export import write_concept_folder
+
+    methods = {}
+    for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if m not in BUDGETS or BUDGETS[m].get("prior_preservation"):
+            raise UsageError(f"--methods: {m!r} is not one of {', '.join(k for k, b in BUDGETS.items() if not b.get('prior_preservation'))}")
+        methods[m] = {"method": BUDGETS[m].get("method", m), "method_args": BUDGETS[m].get("method_args", {})}
+    try:
+        concept = get_concept(args.concept)
+    except KeyError as e:
+        raise UsageError(f"--concept: {e.args[0]}")
+    out = Path(args.out)
+    images = write_concept_folder(concept, TOKEN, out / "data" / concept.name)
+    results = run(methods, str(images), TOKEN, concept.class_word, out, steps=args.steps, batch_size=args.batch_size)
+    print(f"{'method':<18}{'s/step':>9}{'x first':>9}{'peak MB above loaded':>22}{'x first':>9}{'process peak MB':>17}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['s_per_step']:>9.4f}{r['time_vs_first']:>9.2f}{r['peak_bytes_above_loaded'] / 2**20:>22.1f}"
+              f"{r['memory_vs_first']:>9.2f}{r['peak_bytes_process'] / 2**20:>17.1f}")
+    print(f"written to {out / 'stepcost.json'}")
+
+
 def cmd_eval(args) -> None:
     from .eval.real_metrics import RealMetrics, read_image_folder
 
@@ -405,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
     bm.set_defaults(func=cmd_bench_mini)
+    bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
+    bs.add_argument("--methods", default="lora,purecc,purecc_adaptive")
+    bs.add_argument("--concept", default="ember_star")
+    bs.add_argument("--steps", type=_positive("--steps"), default=30)
+    bs.add_argument("--batch-size", type=_positive("--batch-size"), default=4)
+    bs.add_argument("--out", required=True)
+    bs.set_defaults(func=cmd_bench_steps)
 
     ev = sub.add_parser("eval", help="CLIP-T, CLIP-I and DINO with metric models from local folders")
     ev.add_argument("--images", help="generated pictures with prompts (metadata.jsonl or .txt beside each)")
@@ -425,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the demo on pristine-mini: writes out/demo/index.html")
     demo.add_argument("--out", default="out/demo")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train-steps", type=_positive("--train-steps"), default=None, help="LoRA steps (default 300)")
+    demo.add_argument("--train-steps", type=_positive("--train-steps"), default=None, help="steps per method and stage (default 300)")
     demo.add_argument("--sample-steps", type=_positive("--sample-steps"), default=50)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -1,4 +1,4 @@
-"""`pristine demo`: teach pristine-mini one held-out concept with LoRA, then show and score it.
+"""`pristine demo`: teach pristine-mini one held-out concept with LoRA and with PureCC, then show and score both.
 
 Same seeds before and after, for concept prompts and for unrelated prompts, judged by the oracle:
 fidelity (is it the concept?), prompt adherence (background and place as asked) and how much
@@ -30,7 +30,7 @@ DEMO_PROMPTS = UNRELATED_PROMPTS + [
     "a cartoon of a big cyan cross in the center, on wood",
     "a big orange dotted circle at the top and a small blue star at the bottom, on water",
 ]
-METHOD_SETTINGS = {"lora": dict(steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4})}
+DEMO_METHODS = ("lora", "purecc")  # trained with their MiniBench budgets
 
 
 def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: int | None = None,
@@ -40,6 +40,7 @@ def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: i
     from . import mini
     from .data import ConceptSpec
     from .eval.grids import make_grid
+    from .eval.minibench import BUDGETS
     from .eval.oracle_metrics import change, concept_hits, context_adherence
     from .sample import generate, load_pipeline
     from .train import TrainConfig, train
@@ -67,10 +68,16 @@ def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: i
     before_concept = generate_(base, many(class_prompts), "before")
     before_unrelated = generate_(base, many(UNRELATED_PROMPTS), "before")
     rows = []
-    for method, settings in METHOD_SETTINGS.items():
+    for method in DEMO_METHODS:
+        settings = dict(BUDGETS[method])
+        settings.pop("method", None)
+        if train_steps:  # two-stage methods get the steps for each stage
+            stage1 = settings.get("method_args", {}).get("stage1_steps")
+            settings["steps"] = 2 * train_steps if stage1 else train_steps
+            if stage1:
+                settings["method_args"] = {**settings["method_args"], "stage1_steps": train_steps}
         run = out / f"run_{method}"
         if not (run / "DONE").exists():
-            settings = {**settings, "steps": train_steps or settings["steps"]}
             config = TrainConfig(out=str(run), model="mini", method=method, seed=seed,
                                  concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)],
                                  resume="latest", checkpoint_every=100, **settings)
@@ -92,14 +99,14 @@ def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: i
         rows.append((method, settings, scores))
     strip = np.concatenate([np.asarray(Image.open(p)) for p in sorted(images_dir.glob("*.png"))], axis=1)
     Image.fromarray(strip).resize((strip.shape[1] * 4, strip.shape[0] * 4), Image.NEAREST).save(out / "references.png")
-    page = _page(concept, rows, seeds)
+    page = _page(concept, rows, seeds, sample_steps)
     (out / "index.tmp.html").write_text(page)
     os.replace(out / "index.tmp.html", out / "index.html")
     (out / "scores.json").write_text(json.dumps({m: s for m, _, s in rows}, indent=2))
     return out / "index.html"
 
 
-def _page(concept, rows, seeds) -> str:
+def _page(concept, rows, seeds, sample_steps) -> str:
     head = ("<tr><th>method</th><th>fidelity (before)</th><th>background as asked</th><th>place as asked</th>"
             "<th>unrelated prompts: pixel change</th><th>unrelated prompts: oracle agreement</th></tr>")
     body = "".join(
@@ -115,7 +122,9 @@ def _page(concept, rows, seeds) -> str:
 img{{image-rendering:pixelated}}</style></head><body>
 <h1>pristine demo: teaching pristine-mini <code>{TOKEN} {concept.class_word}</code></h1>
 <p>The concept <b>{concept.name}</b>, held out of pre-training: five references.</p><img src="references.png">
-<p>Seeds {seeds[0]}..{seeds[-1]}, DDIM 50 steps, guidance 5. Scores by the Shapes-world oracle:
+<p>Seeds {seeds[0]}..{seeds[-1]}, DDIM {sample_steps} steps, guidance 5. LoRA and PureCC (stage 1: token and extractor
+LoRA; stage 2: a fresh LoRA that learns the concept while keeping the base model's answer for the rest of the prompt)
+train with the same steps per stage, rank and learning rate. Scores by the Shapes-world oracle:
 fidelity = share of concept pictures closer to the concept's references than to plain {concept.class_word}s
 (before: the base model drawing the class prompt); adherence = background and place found as the prompt asks;
 unrelated prompts = the same prompts and seeds before and after training: mean absolute pixel change (0..1) and the share
