@@ -85,3 +85,65 @@ def test_step_cost_measures_each_method_in_its_own_process(tiny, star_images, tm
         assert r["s_per_step"] > 0 and r["peak_bytes_process"] > 0 and r["peak_bytes_above_loaded"] >= 0
     assert results["lora"]["time_vs_first"] == 1.0
     assert results["purecc"]["method_args"]["stage"] == "2"  # stage 2 is what was timed
+
+
+def test_adapter_switching_leaves_base_weights_bit_identical(tiny, star_images):
+    from pristine.backbones import load_backbone
+    from pristine.data import ConceptImages, ConceptSpec, build_training_set, cache_latents
+    from pristine.methods.purecc import EXTRACTOR, LEARNER, PureCC, PureCCConfig
+    from pristine.methods.lora import lora_params
+
+    spec = ConceptSpec(str(star_images), "<v1>", "star")
+    backbone = load_backbone(str(tiny))
+    m = PureCC(PureCCConfig(stage1_steps=2), backbone, [spec])
+    groups = m.setup()
+    base = {n: p.detach().clone() for n, p in backbone.unet.named_parameters() if "lora_" not in n}
+    text = {n: p.detach().clone() for n, p in backbone.text_encoder.named_parameters()}
+    data = build_training_set([ConceptImages.load(spec)], 32)
+    cache_latents(data, backbone)
+    opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0)
+    snapshots = {}
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        batch = data.draw(2, g)
+        batch["step"] = step
+        loss, logs = m.loss(batch, g)
+        assert logs["stage"] == (1 if step < 2 else 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in (1, 3):
+            snapshots[step] = {a: {k: v.detach().clone() for k, v in lora_params(backbone.unet, a).items()}
+                               for a in (EXTRACTOR, LEARNER)}
+    for n, p in backbone.unet.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+    assert all(torch.equal(p, text[n]) for n, p in backbone.text_encoder.named_parameters())
+    s1, s2 = snapshots[1], snapshots[3]
+    # stage 2 trains the learner only; the extractor stays as stage 1 left it
+    assert all(torch.equal(s1[EXTRACTOR][k], s2[EXTRACTOR][k]) for k in s1[EXTRACTOR])
+    assert any(not torch.equal(s1[LEARNER][k], s2[LEARNER][k]) for k in s1[LEARNER])
+
+
+def test_per_image_prompts_override_the_derived_ones(tmp_path, star_images):
+    import json
+    import shutil
+
+    from pristine.data import ConceptImages, ConceptSpec
+    from pristine.errors import UsageError
+    from pristine.methods.purecc import prompts_for_example
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(star_images, folder)
+    names = sorted(p.name for p in folder.glob("*.png"))
+    lines = [{"file_name": names[0], "text": "a <v1> star on grass", "y_base": "a red star on grass", "y_tar": "the <v1> star"},
+             {"file_name": names[1], "text": "a <v1> star at night"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
+    spec = ConceptSpec(str(folder), "<v1>", "star")
+    c = ConceptImages.load(spec)
+    assert prompts_for_example(c.captions[0], spec, c.extras[0]) == ("a <v1> star on grass", "a red star on grass", "the <v1> star")
+    assert prompts_for_example(c.captions[1], spec, c.extras[1]) == ("a <v1> star at night", "a star at night", "<v1> star")
+    lines[0]["y_tar"] = "a star"
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
+    with pytest.raises(UsageError, match="y_tar"):
+        ConceptImages.load(spec)

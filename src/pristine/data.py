@@ -66,8 +66,13 @@ def preprocess(image: Image.Image, size: int, crop: str = "center", rng: np.rand
     return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
-def _read_captions(folder: Path) -> dict[str, str]:
-    captions = {}
+# Per-image prompts a method may read besides the caption (PureCC: y_base, y_tar).
+PROMPT_FIELDS = ("y_base", "y_tar")
+
+
+def _read_metadata(folder: Path) -> dict[str, dict]:
+    """metadata.jsonl: {file_name: {"text": caption, and any of PROMPT_FIELDS}}."""
+    records = {}
     meta = folder / "metadata.jsonl"
     if meta.is_file():
         for n, line in enumerate(meta.read_text().splitlines(), 1):
@@ -75,16 +80,28 @@ def _read_captions(folder: Path) -> dict[str, str]:
                 continue
             try:
                 record = json.loads(line)
-                captions[record["file_name"]] = record["text"]
+                entry = {"text": record["text"]}
+                for key in PROMPT_FIELDS:
+                    if key in record:
+                        if not isinstance(record[key], str):
+                            raise TypeError
+                        entry[key] = record[key]
+                records[record["file_name"]] = entry
             except (ValueError, KeyError, TypeError):
-                raise UsageError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text'")
-    return captions
+                raise UsageError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text' "
+                                 f"(and optional text fields {', '.join(PROMPT_FIELDS)})")
+    return records
 
 
-def read_folder(folder: Path) -> tuple[list[Path], list[Image.Image], list[str | None]]:
-    """Every image in a folder (RGB, checked) with its caption if it has one (.txt beside it, or metadata.jsonl)."""
+def read_folder(folder: Path, extras: list[dict] | None = None) -> tuple[list[Path], list[Image.Image], list[str | None]]:
+    """Every image in a folder (RGB, checked) with its caption if it has one (.txt beside it, or metadata.jsonl).
+
+    `extras`, when given, receives each image's other prompt fields from metadata.jsonl."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and "_mask" not in p.stem)
-    listed = _read_captions(folder)
+    metadata = _read_metadata(folder)
+    listed = {name: entry["text"] for name, entry in metadata.items()}
+    if extras is not None:
+        extras.extend({k: v for k, v in metadata.get(p.name, {}).items() if k != "text"} for p in files)
     images, texts = [], []
     for path in files:
         try:
@@ -106,6 +123,7 @@ class ConceptImages:
     paths: list[Path]
     images: list[Image.Image]
     captions: list[str]
+    extras: list[dict] | None = None  # per image: prompt fields besides the caption (data.PROMPT_FIELDS)
 
     @classmethod
     def load(cls, spec: ConceptSpec) -> "ConceptImages":
@@ -114,7 +132,8 @@ class ConceptImages:
             raise UsageError(f"images folder {folder} does not exist; give a folder of the concept's images")
         if not folder.is_dir():
             raise UsageError(f"images {folder} is not a folder; give a folder of the concept's images")
-        files, images, texts = read_folder(folder)
+        extras: list[dict] = []
+        files, images, texts = read_folder(folder, extras)
         if not files:
             raise UsageError(f"images folder {folder} holds no images (.png, .jpg, .jpeg, .webp); add 3-20 pictures of the concept")
         captions = []
@@ -124,7 +143,9 @@ class ConceptImages:
             elif spec.token not in text:
                 raise UsageError(f"caption of {path} does not name the token {spec.token!r}: {text!r}; add the token to it")
             captions.append(text)
-        return cls(spec, files, images, captions)
+            if "y_tar" in extras[i] and spec.token not in extras[i]["y_tar"]:
+                raise UsageError(f"y_tar of {path} in metadata.jsonl does not name the token {spec.token!r}; add the token to it")
+        return cls(spec, files, images, captions, extras)
 
 
 @dataclass
@@ -139,6 +160,7 @@ class TrainingSet:
     latents: torch.Tensor | None = None  # cached when the VAE is frozen: (N, 2 if flip else 1, C, h, w)
     sources: list[Image.Image] | None = None  # kept for random crops, cut afresh at every draw
     size: int = 0
+    extras: list[dict] | None = None  # per example: prompt fields besides the caption
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -152,7 +174,8 @@ class TrainingSet:
             idx = torch.cat([idx, prior[torch.randint(0, len(prior), (prior_batch,), generator=generator)]])
         flips = (torch.rand(len(idx), generator=generator) < 0.5) & self.flip
         batch = {"index": idx, "prompts": [self.prompts[i] for i in idx.tolist()], "is_prior": self.is_prior[idx],
-                 "concept": self.concept_index[idx]}
+                 "concept": self.concept_index[idx],
+                 "extras": [self.extras[i] if self.extras else {} for i in idx.tolist()]}
         if self.latents is not None:
             batch["latents"] = self.latents[idx, flips.long() if self.flip else torch.zeros_like(idx)]
             return batch
@@ -170,16 +193,18 @@ def build_training_set(concepts: list[ConceptImages], size: int, flip: bool = Tr
     images = [im for c in concepts for im in c.images]
     prompts = [t for c in concepts for t in c.captions]
     which = [k for k, c in enumerate(concepts) for _ in c.images]
+    extras = [e for c in concepts for e in (c.extras or [{}] * len(c.images))]
     n_inst = len(prompts)
     if prior is not None:
         images += prior[0]
         prompts += prior[1]
         which += [-1] * len(prior[1])
+        extras += [{}] * len(prior[1])
     is_prior = torch.zeros(len(prompts), dtype=torch.bool)
     is_prior[n_inst:] = True
     pixels = torch.stack([preprocess(im, size) for im in images])
     return TrainingSet(pixels, prompts, torch.tensor(which), is_prior, flip,
-                       sources=images if crop == "random" else None, size=size)
+                       sources=images if crop == "random" else None, size=size, extras=extras)
 
 
 def cache_latents(data: TrainingSet, backbone, batch: int = 64) -> None:

@@ -31,7 +31,8 @@ TOKEN = "<v1>"
 BUDGETS = {
     "lora": dict(steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4}),
     "lora_prior": dict(steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4},
-                       prior_preservation=True, num_class_images=50, method="lora"),
+                       prior_preservation=True, num_class_images=50, method="lora",
+                       class_prompt="a {cls}"),  # Shapes-world captions never say "a photo of"
     "textual_inversion": dict(steps=300, batch_size=4, lr=5e-3),
     "dreambooth": dict(steps=300, batch_size=4, lr=5e-5),
     "custom_diffusion": dict(steps=300, batch_size=4, lr=1e-4),

@@ -51,6 +51,27 @@ def _plots(out: Path, results: dict) -> list[str]:
     return files
 
 
+def markdown_table(results: dict) -> str:
+    """The summary as a Markdown table: one row per metric, one column per method, mean [95% interval]."""
+    summary = results["summary"]
+    methods = list(summary)
+    keys = list(dict.fromkeys(k for m in methods for k in summary[m]))
+    lines = ["| metric | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
+    for key in keys:
+        label = next(summary[m][key]["label"] for m in methods if key in summary[m])
+        cells = [f"{summary[m][key]['mean']:.3f} [{summary[m][key]['lo']:.3f}, {summary[m][key]['hi']:.3f}]"
+                 if key in summary[m] else "" for m in methods]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    timings = results.get("timings") or {}
+    if timings:
+        cells = []
+        for m in methods:
+            t = timings.get(m, {}).values()
+            cells.append(f"{sum(x.get('train_s', 0) for x in t) / 60:.1f} + {sum(x.get('sample_s', 0) for x in t) / 60:.1f}")
+        lines.append("| minutes: training + sampling, all concepts | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: Path, results: dict, grids: dict, concept_prompts_by: dict, seeds: int) -> Path:
     from .grids import make_grid
 
@@ -86,6 +107,8 @@ Means with 95% bootstrap intervals over concepts and seeds.</p>
 <table>{head}{rows}</table>{plots}
 <h2>Per concept: rows per prompt, original model (class prompt) then each method, {seeds} seeds</h2>{''.join(sections)}
 </body></html>"""
+    (out / "table.md.tmp").write_text(markdown_table(results))
+    os.replace(out / "table.md.tmp", out / "table.md")
     tmp = out / "index.html.tmp"
     tmp.write_text(page)
     os.replace(tmp, out / "index.html")

@@ -51,6 +51,12 @@ def derive_prompts(prompt: str, token: str, class_word: str) -> tuple[str, str, 
     return prompt, base, f"{token} {class_word}"
 
 
+def prompts_for_example(caption: str, spec, extras: dict) -> tuple[str, str, str]:
+    """The derived triple, with y_base / y_tar taken from the image's metadata.jsonl entry where given."""
+    complete, base, tar = derive_prompts(caption, spec.token, spec.class_word)
+    return complete, extras.get("y_base", base), extras.get("y_tar", tar)
+
+
 def adaptive_lambda(delta: torch.Tensor, r: torch.Tensor, lambda_max: float) -> torch.Tensor:
     """Per sample, the scale of R that best explains Δ (least squares), clamped to [0, λ_max]."""
     dims = tuple(range(1, r.ndim))
@@ -131,12 +137,14 @@ class PureCC(Method):
             self._use(EXTRACTOR)
             loss, _ = denoising_loss(self.backbone, batch["latents"], self.encode(batch["prompts"]), generator)
             return loss, {"stage": 1}
+        if self.tokens.rows.requires_grad:  # stage 2 of a two-stage run: the token is final from here on,
+            self.tokens.rows.requires_grad_(False)  # so prompts are encoded once and cached
         return self.stage2_loss(batch, generator)
 
     def stage2_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         c, bb = self.config, self.backbone
         specs = [self.concepts[int(k)] for k in batch["concept"]]
-        triples = [derive_prompts(p, s.token, s.class_word) for p, s in zip(batch["prompts"], specs)]
+        triples = [prompts_for_example(p, s, e) for p, s, e in zip(batch["prompts"], specs, batch.get("extras") or [{}] * len(specs))]
         n = len(triples)
         x0 = batch["latents"]
         noise = torch.randn(x0.shape, generator=generator).to(x0)
