@@ -223,13 +223,22 @@ def cmd_sample(args) -> None:
     print(f"grid written to {out}")
 
 
-def cmd_bench_mini(args) -> None:
-    from .eval.minibench import BUDGETS, BenchSettings, concept_set, run_bench
+def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
+    """--methods against MiniBench's budgets (the step-cost benchmark has no prior images)."""
+    from .eval.minibench import BUDGETS
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = [k for k, b in BUDGETS.items() if with_prior or not b.get("prior_preservation")]
+    methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
-        if m not in BUDGETS:
-            raise UsageError(f"--methods: {m!r} has no MiniBench budget; choose from {', '.join(BUDGETS)}")
+        if m not in known:
+            raise UsageError(f"--methods: {m!r} has no budget here; choose from {', '.join(known)}")
+    return methods
+
+
+def cmd_bench_mini(args) -> None:
+    from .eval.minibench import BenchSettings, concept_set, run_bench
+
+    methods = _bench_methods(args.methods)
     try:
         concepts = concept_set("quick" if args.quick and args.concepts == "dev" else args.concepts)
     except KeyError as e:
@@ -241,16 +250,15 @@ def cmd_bench_mini(args) -> None:
 
 
 def cmd_bench_steps(args) -> None:
-    from .eval.minibench import BUDGETS, TOKEN
+    from .eval.minibench import TOKEN, budget_settings
     from .eval.stepcost import run
     from .world.concepts import get_concept
     from .world.export import write_concept_folder
 
     methods = {}
-    for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if m not in BUDGETS or BUDGETS[m].get("prior_preservation"):
-            raise UsageError(f"--methods: {m!r} is not one of {', '.join(k for k, b in BUDGETS.items() if not b.get('prior_preservation'))}")
-        methods[m] = {"method": BUDGETS[m].get("method", m), "method_args": BUDGETS[m].get("method_args", {})}
+    for m in _bench_methods(args.methods, with_prior=False):
+        name, settings = budget_settings(m)
+        methods[m] = {"method": name, "method_args": settings.get("method_args", {})}
     try:
         concept = get_concept(args.concept)
     except KeyError as e:
@@ -425,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--concepts", default="dev", help="dev (12), final (4 kept apart), or concept names")
     bm.add_argument("--out", required=True)
     bm.add_argument("--quick", action="store_true",
-                    help="a smoke run: 3 concepts, 2 seeds, 80 training steps, 20 sampling steps")
+                    help="a smoke run: 3 concepts, 2 seeds, 80 training steps (per stage), 20 sampling steps")
     bm.add_argument("--seeds", type=_positive("--seeds"))
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))

@@ -40,7 +40,7 @@ def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: i
     from . import mini
     from .data import ConceptSpec
     from .eval.grids import make_grid
-    from .eval.minibench import BUDGETS
+    from .eval.minibench import budget_settings
     from .eval.oracle_metrics import change, concept_hits, context_adherence
     from .sample import generate, load_pipeline
     from .train import TrainConfig, train
@@ -69,13 +69,7 @@ def run_demo(out: Path, seed: int = 0, seeds_per_prompt: int = 4, train_steps: i
     before_unrelated = generate_(base, many(UNRELATED_PROMPTS), "before")
     rows = []
     for method in DEMO_METHODS:
-        settings = dict(BUDGETS[method])
-        settings.pop("method", None)
-        if train_steps:  # two-stage methods get the steps for each stage
-            stage1 = settings.get("method_args", {}).get("stage1_steps")
-            settings["steps"] = 2 * train_steps if stage1 else train_steps
-            if stage1:
-                settings["method_args"] = {**settings["method_args"], "stage1_steps": train_steps}
+        _, settings = budget_settings(method, train_steps)
         run = out / f"run_{method}"
         if not (run / "DONE").exists():
             config = TrainConfig(out=str(run), model="mini", method=method, seed=seed,

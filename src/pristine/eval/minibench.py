@@ -44,6 +44,21 @@ BUDGETS = {
                             method_args={"rank": 4, "alpha": 4, "stage1_steps": 300, "stage1_lr": 1e-3, "token_lr": 5e-3,
                                          "lambda_mode": "adaptive"}),
 }
+
+
+def budget_settings(method: str, steps_per_stage: int | None = None) -> tuple[str, dict]:
+    """(registered method name, TrainConfig settings) of a budget; `steps_per_stage` overrides the
+    steps, for each stage of a two-stage method (PureCC)."""
+    settings = dict(BUDGETS[method])
+    name = settings.pop("method", method)
+    if steps_per_stage:
+        two_stage = "stage1_steps" in settings.get("method_args", {})
+        settings["steps"] = 2 * steps_per_stage if two_stage else steps_per_stage
+        if two_stage:
+            settings["method_args"] = {**settings["method_args"], "stage1_steps": steps_per_stage}
+    return name, settings
+
+
 # (position, background, size, style, second object or None)
 CONTEXTS = [
     ("left", "grass", "big", "plain", None),
@@ -68,7 +83,7 @@ class BenchSettings:
     seeds: int = 4
     sample_steps: int = 30
     guidance: float = 5.0
-    train_steps: int | None = None  # overrides the budget (quick runs)
+    train_steps: int | None = None  # overrides the budget's steps per stage (quick runs)
 
 
 def concept_set(name: str) -> list[Concept]:
@@ -285,28 +300,27 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
             _save_cached(original_file, fingerprint, original)
         grids[concept.name] = {"original": original["class"]}
         for method in settings.methods:
-            budget = dict(BUDGETS[method])
-            method_name = budget.pop("method", method)
-            if settings.train_steps:
-                budget["steps"] = settings.train_steps
-                if "stage1_steps" in budget.get("method_args", {}):  # two-stage methods: half each
-                    budget["method_args"] = {**budget["method_args"], "stage1_steps": settings.train_steps // 2}
+            method_name, budget = budget_settings(method, settings.train_steps)
             run = out / "runs" / method / concept.name
             samples_file = out / "samples" / method / f"{concept.name}.npz"
             timing_file = samples_file.with_suffix(".json")
+            timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
             custom = _load_cached(samples_file, fingerprint)
-            if custom is None or not (run / "DONE").exists():
+            if not (run / "DONE").exists():
                 t0 = time.perf_counter()
-                if not (run / "DONE").exists():
-                    train(TrainConfig(out=str(run), model="mini", method=method_name, seed=0, resume="latest",
-                                      concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **budget))
-                t1 = time.perf_counter()
+                train(TrainConfig(out=str(run), model="mini", method=method_name, seed=0, resume="latest",
+                                  concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **budget))
+                timing["train_s"] = round(time.perf_counter() - t0, 1)
+                custom = None  # a newly trained model: pictures of an earlier one do not count
+            if custom is None:
+                t0 = time.perf_counter()
                 pipe = load_pipeline("mini", str(run))
                 custom = {"concept": draw(pipe, concept_prompts, method), "class": draw(pipe, class_prompts, method),
                           "unrelated": draw(pipe, UNRELATED, method)}
                 _save_cached(samples_file, fingerprint, custom)
-                timing_file.write_text(json.dumps({"train_s": round(t1 - t0, 1), "sample_s": round(time.perf_counter() - t1, 1)}))
-            timings.setdefault(method, {})[concept.name] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+                timing["sample_s"] = round(time.perf_counter() - t0, 1)
+                timing_file.write_text(json.dumps(timing))
+            timings.setdefault(method, {})[concept.name] = timing
             grids[concept.name][method] = custom["concept"]
             for r in score_concept(judges, concept, scenes, concept_prompts, class_prompts, seeds, original, custom):
                 records.append({"method": method, "concept": concept.name, **r})

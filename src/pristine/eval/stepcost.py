@@ -2,9 +2,9 @@
 
 Each method is measured in a fresh process (so one method's memory cannot hide in another's) with
 the training loop's own pieces: the backbone, the method's parameters and loss, the optimizer, the
-cached training set. Memory is the peak resident size during the timed steps minus the size just
-before the first step (model, data and caches loaded), sampled every 2 ms; on a GPU it is
-torch.cuda's peak allocation above the same point.
+cached training set. Memory is the peak resident size over all steps (warm-up included) minus the
+size just before the first step (model, data and caches loaded), sampled every 2 ms; on a GPU it
+is torch.cuda's peak allocation above the same point.
 """
 
 from __future__ import annotations
@@ -77,22 +77,23 @@ def measure(method: str, method_args: dict, images: str, token: str, class_word:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for k in range(warmup):
-        step(k)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     times = []
+    # the baseline is taken before the first step: gradients, optimizer moments and activations are
+    # allocated in the first steps and reused after, so a baseline after warm-up would hide them
     with PeakMemory() as mem:
         base_rss = _rss()
-        for k in range(warmup, warmup + steps):
+        for k in range(warmup + steps):
             t = time.perf_counter()
             step(k)
             if cuda:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
+            if k >= warmup:
+                times.append(time.perf_counter() - t)
     peak_above = (torch.cuda.max_memory_allocated() - base) if cuda else (mem.peak - base_rss)
     return {"method": method, "method_args": method_args, "steps": steps, "batch_size": batch_size,
             "s_per_step": statistics.median(times), "s_per_step_mean": statistics.fmean(times),
