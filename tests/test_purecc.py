@@ -79,11 +79,12 @@ def test_step_cost_measures_each_method_in_its_own_process(tiny, star_images, tm
     from pristine.eval.stepcost import run
 
     methods = {"lora": {"method": "lora"}, "purecc": {"method": "purecc"}}
-    results = run(methods, str(star_images), "<v1>", "star", tmp_path, model=str(tiny), steps=3, batch_size=2)
+    results = run(methods, str(star_images), "<v1>", "star", tmp_path, model=str(tiny), steps=3, batch_size=2, repeats=1)
     assert (tmp_path / "stepcost.json").is_file() and (tmp_path / "purecc_stage1" / "DONE").is_file()
     for r in results.values():
         assert r["s_per_step"] > 0 and r["peak_bytes_process"] > 0 and r["peak_bytes_above_loaded"] >= 0
-    assert results["lora"]["time_vs_first"] == 1.0
+    assert results["lora"]["time_vs_first"] == 1.0 and len(results["purecc"]["rounds"]) == 1
+    assert len(results["purecc"]["rounds"][0]["paired_s"]) == 3
     assert results["purecc"]["method_args"]["stage"] == "2"  # stage 2 is what was timed
 
 
@@ -147,3 +148,38 @@ def test_per_image_prompts_override_the_derived_ones(tmp_path, star_images):
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
     with pytest.raises(UsageError, match="y_tar"):
         ConceptImages.load(spec)
+
+
+def test_learner_checkpointing_changes_memory_not_gradients(tiny, star_images):
+    """Recomputing the learner's activations in the backward pass must give the same gradients."""
+    from pristine.backbones import load_backbone
+    from pristine.data import ConceptImages, ConceptSpec, build_training_set, cache_latents
+    from pristine.methods.lora import lora_params
+    from pristine.methods.purecc import LEARNER, PureCC, PureCCConfig
+
+    spec = ConceptSpec(str(star_images), "<v1>", "star")
+    backbone = load_backbone(str(tiny))
+    m = PureCC(PureCCConfig(stage1_steps=0, learner_checkpointing=False), backbone, [spec])
+    m.setup()
+    data = build_training_set([ConceptImages.load(spec)], 32)
+    cache_latents(data, backbone)
+    learner = lora_params(backbone.unet, LEARNER)
+    with torch.no_grad():  # a trained-looking learner, so its gradients are not zero by construction
+        for p in learner.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    grads = []
+    for checkpointing in (False, True):
+        m.config.learner_checkpointing = checkpointing
+        g = torch.Generator().manual_seed(7)
+        batch = data.draw(2, g)
+        batch["step"] = 0
+        loss, logs = m.loss(batch, g)
+        assert logs["stage"] == 2
+        loss.backward()
+        assert backbone.unet.is_gradient_checkpointing == checkpointing
+        grads.append({k: p.grad.clone() for k, p in learner.items()})
+        for p in learner.values():
+            p.grad = None
+    assert any(v.abs().sum() > 0 for v in grads[0].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)

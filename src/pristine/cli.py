@@ -255,21 +255,38 @@ def cmd_bench_steps(args) -> None:
     from .world.concepts import get_concept
     from .world.export import write_concept_folder
 
+    from .methods import get_method
+
     methods = {}
-    for m in _bench_methods(args.methods, with_prior=False):
-        name, settings = budget_settings(m)
-        methods[m] = {"method": name, "method_args": settings.get("method_args", {})}
+    for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        # BUDGET@KEY=VALUE@...: a budget with some of its method's settings changed, measured as its own row
+        budget, *changes = entry.split("@")
+        _bench_methods(budget, with_prior=False)
+        name, settings = budget_settings(budget)
+        method_args = dict(settings.get("method_args", {}))
+        for change in changes:
+            key, sep, value = change.partition("=")
+            if not sep:
+                raise UsageError(f"--methods: {change!r} in {entry!r} is not KEY=VALUE")
+            method_args[key] = yaml_scalar(value)
+        get_method(name).Config.from_dict(method_args, where=f"--methods {entry}: method_args")
+        methods[entry] = {"method": name, "method_args": method_args}
     try:
         concept = get_concept(args.concept)
     except KeyError as e:
         raise UsageError(f"--concept: {e.args[0]}")
     out = Path(args.out)
     images = write_concept_folder(concept, TOKEN, out / "data" / concept.name)
-    results = run(methods, str(images), TOKEN, concept.class_word, out, steps=args.steps, batch_size=args.batch_size)
-    print(f"{'method':<18}{'s/step':>9}{'x first':>9}{'peak MB above loaded':>22}{'x first':>9}{'process peak MB':>17}")
+    results = run(methods, str(images), TOKEN, concept.class_word, out, steps=args.steps, batch_size=args.batch_size,
+                  repeats=args.repeats, gradient_checkpointing=args.gradient_checkpointing)
+    print(f"medians over {args.repeats} rounds; ratios to {next(iter(results))} within each round, [min, max]")
+    w = max(18, *(len(n) + 2 for n in results))
+    print(f"{'method':<{w}}{'s/step':>9}{'x first':>20}{'peak MB above loaded':>22}{'x first':>20}{'process peak MB':>17}")
     for name, r in results.items():
-        print(f"{name:<18}{r['s_per_step']:>9.4f}{r['time_vs_first']:>9.2f}{r['peak_bytes_above_loaded'] / 2**20:>22.1f}"
-              f"{r['memory_vs_first']:>9.2f}{r['peak_bytes_process'] / 2**20:>17.1f}")
+        t, m = r["time_vs_first_range"], r["memory_vs_first_range"]
+        print(f"{name:<{w}}{r['s_per_step']:>9.4f}{r['time_vs_first']:>8.2f} [{t[0]:.2f}, {t[1]:.2f}]"
+              f"{r['peak_bytes_above_loaded'] / 2**20:>22.1f}{r['memory_vs_first']:>8.2f} [{m[0]:.2f}, {m[1]:.2f}]"
+              f"{r['peak_bytes_process'] / 2**20:>17.1f}")
     print(f"written to {out / 'stepcost.json'}")
 
 
@@ -439,10 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
     bm.set_defaults(func=cmd_bench_mini)
     bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
-    bs.add_argument("--methods", default="lora,purecc,purecc_adaptive")
+    bs.add_argument("--methods", default="lora,purecc,purecc_adaptive",
+                    help="budgets, the first is the reference; BUDGET@KEY=VALUE changes a setting, e.g. purecc@learner_checkpointing=false")
     bs.add_argument("--concept", default="ember_star")
     bs.add_argument("--steps", type=_positive("--steps"), default=30)
     bs.add_argument("--batch-size", type=_positive("--batch-size"), default=4)
+    bs.add_argument("--repeats", type=_positive("--repeats"), default=3,
+                    help="rounds of all methods in alternation (the machine's speed drifts; ratios are per round)")
+    bs.add_argument("--gradient-checkpointing", action="store_true", help="measure every method with it on")
     bs.add_argument("--out", required=True)
     bs.set_defaults(func=cmd_bench_steps)
 

@@ -5,6 +5,11 @@ the training loop's own pieces: the backbone, the method's parameters and loss, 
 cached training set. Memory is the peak resident size over all steps (warm-up included) minus the
 size just before the first step (model, data and caches loaded), sampled every 2 ms; on a GPU it
 is torch.cuda's peak allocation above the same point.
+
+A shared machine's speed drifts by tens of percent over minutes, so time is measured apart from
+memory: all methods in one process, one step of each in turn, and a method's time ratio is the
+median over steps of its step time over the first method's step in the same turn. `repeats`
+rounds of both; the figures are medians over rounds, with the rounds' range.
 """
 
 from __future__ import annotations
@@ -47,9 +52,10 @@ class PeakMemory:
         self.peak = max(self.peak, _rss())
 
 
-def measure(method: str, method_args: dict, images: str, token: str, class_word: str, model: str = "mini",
-            steps: int = 30, warmup: int = 5, batch_size: int = 4, seed: int = 0) -> dict:
-    """Time `steps` optimizer steps after `warmup` untimed ones; this process only."""
+def training_step(method: str, method_args: dict, images: str, token: str, class_word: str, model: str = "mini",
+                  batch_size: int = 4, seed: int = 0, gradient_checkpointing: bool = False):
+    """One method's optimizer step, built from the training loop's own pieces: the backbone, the
+    method's parameters and loss, the optimizer, the cached training set. Returns step(k)."""
     from ..backbones import load_backbone
     from ..data import ConceptImages, ConceptSpec, build_training_set, cache_latents
     from ..methods import get_method
@@ -61,6 +67,8 @@ def measure(method: str, method_args: dict, images: str, token: str, class_word:
     cls = get_method(method)
     m = cls(cls.Config.from_dict(method_args), backbone, [spec])
     groups = m.setup()
+    if gradient_checkpointing:
+        backbone.denoiser.enable_gradient_checkpointing()
     config = TrainConfig(method=method, batch_size=batch_size, lr=1e-4)
     optimizer = _optimizer(groups, config, config.lr)
     data = build_training_set([ConceptImages.load(spec)], backbone.image_size)
@@ -77,6 +85,12 @@ def measure(method: str, method_args: dict, images: str, token: str, class_word:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def measure(steps: int = 30, warmup: int = 5, **job) -> dict:
+    """Time `steps` optimizer steps after `warmup` untimed ones, and the peak memory; this process only."""
+    step = training_step(**job)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
@@ -95,20 +109,39 @@ def measure(method: str, method_args: dict, images: str, token: str, class_word:
             if k >= warmup:
                 times.append(time.perf_counter() - t)
     peak_above = (torch.cuda.max_memory_allocated() - base) if cuda else (mem.peak - base_rss)
-    return {"method": method, "method_args": method_args, "steps": steps, "batch_size": batch_size,
+    return {"method": job["method"], "method_args": job["method_args"], "steps": steps, "batch_size": job.get("batch_size", 4),
             "s_per_step": statistics.median(times), "s_per_step_mean": statistics.fmean(times),
             "peak_bytes_above_loaded": int(peak_above), "peak_bytes_process": int(mem.peak),
             "device": "cuda" if cuda else "cpu", "threads": torch.get_num_threads()}
 
 
+def paired_times(jobs: dict[str, dict], steps: int = 30, warmup: int = 5) -> dict[str, list[float]]:
+    """Every method in this one process, one step of each in turn, so that a drift in the machine's
+    speed hits all of them alike; seconds of each timed step, per method."""
+    fns = {name: training_step(**job) for name, job in jobs.items()}
+    cuda = torch.cuda.is_available()
+    times = {name: [] for name in jobs}
+    for k in range(warmup + steps):
+        for name, step in fns.items():
+            t = time.perf_counter()
+            step(k)
+            if cuda:
+                torch.cuda.synchronize()
+            if k >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
 def run(methods: dict[str, dict], images: str, token: str, class_word: str, out: Path, model: str = "mini",
-        steps: int = 30, batch_size: int = 4) -> dict:
-    """Every method in its own process; PureCC's stage 2 gets a short stage-1 run first."""
+        steps: int = 30, batch_size: int = 4, repeats: int = 3, gradient_checkpointing: bool = False) -> dict:
+    """`repeats` rounds of: each method alone in a fresh process (memory), then all of them in turn in
+    one process (time). PureCC's stage 2 gets a short stage-1 run first. Per method: medians over
+    rounds, and the range of each round's ratio to the first method."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name, spec in tqdm(methods.items(), desc="step cost"):
+    jobs = {}
+    for name, spec in methods.items():
         method, args = spec["method"], dict(spec.get("method_args", {}))
         if method == "purecc" and args.get("stage", "2") == "2":
             stage1 = out / "purecc_stage1"
@@ -119,16 +152,44 @@ def run(methods: dict[str, dict], images: str, token: str, class_word: str, out:
                 train(TrainConfig(out=str(stage1), model=model, method="purecc", steps=5, batch_size=batch_size,
                                   method_args={"stage": "1"}, concepts=[ConceptSpec(images, token, class_word)]))
             args.update(stage="2", stage1_run=str(stage1))
-        job = json.dumps({"method": method, "method_args": args, "images": images, "token": token,
-                          "class_word": class_word, "model": model, "steps": steps, "batch_size": batch_size})
-        done = subprocess.run([sys.executable, "-m", "pristine.eval.stepcost", job], capture_output=True, text=True)
+        jobs[name] = {"method": method, "method_args": args, "images": images, "token": token,
+                      "class_word": class_word, "model": model, "batch_size": batch_size,
+                      "gradient_checkpointing": gradient_checkpointing}
+
+    def subprocess_json(what: str, payload: dict):
+        done = subprocess.run([sys.executable, "-m", "pristine.eval.stepcost", what, json.dumps(payload)],
+                              capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"step-cost run for {name} failed:\n{done.stderr[-2000:]}")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    ref = next(iter(results.values()))
-    for r in results.values():
-        r["time_vs_first"] = r["s_per_step"] / ref["s_per_step"]
-        r["memory_vs_first"] = r["peak_bytes_above_loaded"] / max(1, ref["peak_bytes_above_loaded"])
+            raise RuntimeError(f"step-cost {what} run failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rounds = []
+    with tqdm(total=repeats * (len(jobs) + 1), desc="step cost") as bar:
+        for _ in range(repeats):
+            solo = {}
+            for name, job in jobs.items():  # memory: each method alone in a fresh process
+                solo[name] = subprocess_json("solo", {**job, "steps": steps})
+                bar.update()
+            paired = subprocess_json("paired", {"jobs": jobs, "steps": steps})  # time: all in turn
+            bar.update()
+            rounds.append({"solo": solo, "paired": paired})
+    first = next(iter(jobs))
+    results = {}
+    for name in jobs:
+        solo = [r["solo"][name] for r in rounds]
+        # per round: the median over steps of this method's step time over the first method's same step
+        time_ratios = [statistics.median(a / b for a, b in zip(r["paired"][name], r["paired"][first])) for r in rounds]
+        memory_ratios = [r["solo"][name]["peak_bytes_above_loaded"] / max(1, r["solo"][first]["peak_bytes_above_loaded"])
+                         for r in rounds]
+        results[name] = {**solo[0], "repeats": repeats,
+                         "s_per_step": statistics.median(t for r in rounds for t in r["paired"][name]),
+                         "s_per_step_alone": statistics.median(x["s_per_step"] for x in solo),
+                         "peak_bytes_above_loaded": int(statistics.median(x["peak_bytes_above_loaded"] for x in solo)),
+                         "peak_bytes_process": int(statistics.median(x["peak_bytes_process"] for x in solo)),
+                         "time_vs_first": statistics.median(time_ratios), "time_vs_first_range": [min(time_ratios), max(time_ratios)],
+                         "memory_vs_first": statistics.median(memory_ratios),
+                         "memory_vs_first_range": [min(memory_ratios), max(memory_ratios)],
+                         "rounds": [{"solo": r["solo"][name], "paired_s": r["paired"][name]} for r in rounds]}
     tmp = out / "stepcost.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(out / "stepcost.json")
@@ -136,4 +197,5 @@ def run(methods: dict[str, dict], images: str, token: str, class_word: str, out:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(**json.loads(sys.argv[1]))))
+    what, payload = sys.argv[1], json.loads(sys.argv[2])
+    print(json.dumps(measure(**payload) if what == "solo" else paired_times(**payload)))

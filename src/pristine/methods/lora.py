@@ -40,6 +40,28 @@ def lora_params(denoiser, name: str) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in denoiser.named_parameters() if f".{name}." in n and "lora_" in n}
 
 
+class AdapterSwitch:
+    """Switches which LoRA adapter of one denoiser is active, or none; the base weights are shared.
+
+    Goes straight to the adapter layers (collected once) instead of walking all of the model's modules
+    on every switch as `set_adapters` does: PureCC switches four times per step.
+    """
+
+    def __init__(self, denoiser):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+
+    def use(self, name: str | None, trainable: bool = True) -> None:
+        """`name` alone is active (None: the base model); `trainable` sets its parameters' requires_grad."""
+        for layer in self.layers:
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(name, inference_mode=not trainable)
+                layer._disable_adapters = False  # enable_adapters(True) would set the adapter a second time
+
+
 def save_lora(pipeline_cls, denoiser, name: str, config: LoraConfig, out_dir: Path) -> Path:
     """pytorch_lora_weights.safetensors in the diffusers layout, rank and alpha in its metadata."""
     from diffusers.utils import convert_state_dict_to_diffusers

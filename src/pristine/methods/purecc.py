@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UsageError
 from .base import Method, MethodConfig, TokenEmbeddings, denoising_loss, register
-from .lora import LoraConfig, add_lora, lora_params, save_lora
+from .lora import AdapterSwitch, LoraConfig, add_lora, lora_params, save_lora
 
 EXTRACTOR, LEARNER = "extractor", "learner"
 
@@ -42,6 +42,10 @@ class PureCCConfig(MethodConfig):
     lambda_max: float = 2.0
     extractor_lora: bool = True  # the paper's extractor; false = token only (the authors' code)
     stop_grad_base: bool = False  # the authors' code lets gradients flow through the y_base branch
+    # the batched learner forward keeps activations for two predictions per sample; recomputing them
+    # block by block in the backward pass keeps stage 2's memory near a LoRA step's, for more time
+    # (same gradients; ignored with stop_grad_base, which keeps one prediction's activations anyway)
+    learner_checkpointing: bool = True
 
 
 def derive_prompts(prompt: str, token: str, class_word: str) -> tuple[str, str, str]:
@@ -92,6 +96,7 @@ class PureCC(Method):
         lora = LoraConfig(rank=c.rank, alpha=c.alpha)
         extractor = add_lora(denoiser, lora, EXTRACTOR)
         learner = add_lora(denoiser, lora, LEARNER)
+        self.switch = AdapterSwitch(denoiser)
         groups = [{"params": learner}]
         if c.stage == "2":
             self._load_stage1(Path(c.stage1_run))
@@ -124,17 +129,9 @@ class PureCC(Method):
     def trainable_denoiser_params(self):
         return {**lora_params(self.backbone.denoiser, EXTRACTOR), **lora_params(self.backbone.denoiser, LEARNER)}
 
-    def _use(self, adapter: str | None) -> None:
-        denoiser = self.backbone.denoiser
-        if adapter is None:
-            denoiser.disable_adapters()
-        else:
-            denoiser.enable_adapters()
-            denoiser.set_adapters([adapter])
-
     def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         if self.in_stage1(batch["step"]):
-            self._use(EXTRACTOR)
+            self.switch.use(EXTRACTOR)
             loss, _ = denoising_loss(self.backbone, batch["latents"], self.encode(batch["prompts"]), generator)
             return loss, {"stage": 1}
         if self.tokens.rows.requires_grad:  # stage 2 of a two-stage run: the token is final from here on,
@@ -159,10 +156,14 @@ class PureCC(Method):
 
         x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
         with torch.no_grad():  # the extractor's two predictions, one batched forward
-            self._use(EXTRACTOR if c.extractor_lora else None)
+            self.switch.use(EXTRACTOR if c.extractor_lora else None, trainable=False)
             f_tar, f_null = bb.predict(x2, t2, pair(cond_tar, cond_null)).chunk(2)
             r = f_tar - f_null
-        self._use(LEARNER)
+        self.switch.use(LEARNER)
+        if c.learner_checkpointing and not c.stop_grad_base and hasattr(bb.denoiser, "enable_gradient_checkpointing"):
+            # no effect on forwards without gradient (the extractor, sampling); with stop_grad_base the
+            # learner keeps one prediction's activations, as LoRA does, and needs no recomputing
+            bb.denoiser.enable_gradient_checkpointing()
         if c.stop_grad_base:
             pred_c = bb.predict(x_t, t, cond_c)
             with torch.no_grad():
