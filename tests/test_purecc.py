@@ -62,10 +62,9 @@ def test_two_stages_in_one_run_then_stage_two_alone(tiny, star_images, tmp_path,
     assert all(torch.equal(unet[k], base_unet[k]) for k in base_unet)
 
     stage1 = tmp_path / "s1"
-    assert main(["train", *common, "--out", str(stage1), "--steps", "2", "--method-arg", "stage=1"]) == 0
+    assert main(["train", *common, "--out", str(stage1), "--steps", "2", "--stage", "1"]) == 0
     stage2 = tmp_path / "s2"
-    assert main(["train", *common, "--out", str(stage2), "--steps", "2", "--method-arg", "stage=2",
-                 "--method-arg", f"stage1_run={stage1}"]) == 0
+    assert main(["train", *common, "--out", str(stage2), "--steps", "2", "--stage", "2", "--stage1-run", str(stage1)]) == 0
     # stage 2 keeps the stage-1 token and extractor exactly
     assert torch.equal(load_file(str(stage1 / "learned_embeds.safetensors"))["<v1>"],
                        load_file(str(stage2 / "learned_embeds.safetensors"))["<v1>"])
@@ -73,6 +72,10 @@ def test_two_stages_in_one_run_then_stage_two_alone(tiny, star_images, tmp_path,
     assert all(torch.equal(e1[k], e2[k]) for k in e1)
     out, err = capsys.readouterr()
     assert main(["train", *common, "--out", str(tmp_path / "s3"), "--method-arg", "stage=2"]) == 2
+    assert "stage1_run" in capsys.readouterr().err
+    lora = [a if a != "purecc" else "lora" for a in common]
+    assert main(["train", *lora, "--out", str(tmp_path / "s4"), "--stage", "1"]) == 2  # not a LoRA setting
+    assert "stage" in capsys.readouterr().err and not (tmp_path / "s4").exists()
 
 
 def test_step_cost_measures_each_method_in_its_own_process(tiny, star_images, tmp_path):
