@@ -70,3 +70,15 @@ def test_bench_report_references_files_that_exist(tmp_path, capsys):
     # textual inversion leaves prompts without its token exactly as they were
     assert s["pollution_distance"]["mean"] == 0.0 and s["pollution_agreement"]["mean"] == 1.0
     assert main(["bench", "mini", "--methods", "magic", "--out", str(out)]) == 2
+
+
+def test_bench_steps_variants_are_checked_before_anything_is_written(tmp_path, capsys):
+    from pristine.cli import main
+
+    out = tmp_path / "steps"
+    for methods, says in [("lora,purecc@nope=1", "nope"), ("lora,purecc@eta", "KEY=VALUE"),
+                          ("lora,purecc@eta=x", "eta"), ("lora,magic@eta=1", "magic")]:
+        assert main(["bench", "steps", "--methods", methods, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
