@@ -253,9 +253,8 @@ def cmd_bench_steps(args) -> None:
     from .eval.minibench import TOKEN, budget_settings
     from .eval.stepcost import run
     from .world.concepts import get_concept
-    from .world.export import write_concept_folder
-
     from .methods import get_method
+    from .world.export import write_concept_folder
 
     methods = {}
     for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:

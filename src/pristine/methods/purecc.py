@@ -97,6 +97,7 @@ class PureCC(Method):
         extractor = add_lora(denoiser, lora, EXTRACTOR)
         learner = add_lora(denoiser, lora, LEARNER)
         self.switch = AdapterSwitch(denoiser)
+        self._checkpointing_on = False
         groups = [{"params": learner}]
         if c.stage == "2":
             self._load_stage1(Path(c.stage1_run))
@@ -160,10 +161,13 @@ class PureCC(Method):
             f_tar, f_null = bb.predict(x2, t2, pair(cond_tar, cond_null)).chunk(2)
             r = f_tar - f_null
         self.switch.use(LEARNER)
-        if c.learner_checkpointing and not c.stop_grad_base and hasattr(bb.denoiser, "enable_gradient_checkpointing"):
-            # no effect on forwards without gradient (the extractor, sampling); with stop_grad_base the
-            # learner keeps one prediction's activations, as LoRA does, and needs no recomputing
+        if (c.learner_checkpointing and not c.stop_grad_base and not self._checkpointing_on
+                and hasattr(bb.denoiser, "enable_gradient_checkpointing")):
+            # once, on the first stage-2 step (it walks every module); no effect on forwards without
+            # gradient (the extractor, sampling); with stop_grad_base the learner keeps one
+            # prediction's activations, as LoRA does, and needs no recomputing
             bb.denoiser.enable_gradient_checkpointing()
+            self._checkpointing_on = True
         if c.stop_grad_base:
             pred_c = bb.predict(x_t, t, cond_c)
             with torch.no_grad():
