@@ -95,7 +95,7 @@ def test_mini_pretrain_stage_runs_resumes_and_checks_order(tmp_path, capsys):
                        "text_encoder")
     assert_usage_error(*run(capsys, "mini", "pretrain", "--stage", "paint")[::2], "--stage")
     # the remaining stages, two steps each, make a model folder diffusers loads
-    for stage in ("clip", "unet", "oracle"):
+    for stage in ("clip", "unet", "unet-joint", "clip-negatives", "oracle"):
         code, _, err = run(capsys, "mini", "pretrain", "--stage", stage, "--steps", "2", "--corpus-size", "64",
                            "--workdir", str(work), "--out", str(out))
         assert code == 0, err

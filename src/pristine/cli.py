@@ -57,6 +57,15 @@ STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped
     "clip": (900, 128, 5e-4),
     "oracle": (2500, 128, 2e-3),
     "unet": (3000, 128, 3e-4),
+    "unet-joint": (2000, 128, 2e-4),
+    "clip-negatives": (400, 64, 2e-4),
+}
+
+
+STAGE_NEEDS = {  # what a stage reads from the model folder
+    "unet": ("vae", "text_encoder", "tokenizer"),
+    "unet-joint": ("vae", "text_encoder", "tokenizer", "unet"),
+    "clip-negatives": ("clip", "tokenizer"),
 }
 
 
@@ -67,8 +76,8 @@ def cmd_mini_pretrain(args) -> None:
 
     workdir, out = Path(args.workdir), Path(args.out)
     steps, batch, lr = STAGE_DEFAULTS[args.stage]
-    settings = P.StageSettings(steps=args.steps or steps, batch_size=batch, lr=lr, checkpoint_every=100,
-                               warmup=200 if args.stage == "unet" else 100)
+    settings = P.StageSettings(steps=args.steps or steps, batch_size=args.batch_size or batch, lr=lr, checkpoint_every=100,
+                               warmup=200 if args.stage.startswith("unet") else 100)
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -76,18 +85,25 @@ def cmd_mini_pretrain(args) -> None:
     if args.stage == "oracle":
         print(json.dumps(P.pretrain_oracle(workdir, out, settings, n_train=args.corpus_size), indent=2))
         return
-    if args.stage == "unet":
-        for part in ("vae", "text_encoder", "tokenizer"):
-            if not (out / part).exists():
-                raise UsageError(f"{out / part} is missing: run `pristine mini pretrain --stage vae` and `--stage clip` first")
+    for part in STAGE_NEEDS.get(args.stage, ()):
+        if not (out / part).exists():
+            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-negatives")
+    if args.export_now:
+        if args.stage not in ("unet", "unet-joint"):
+            raise UsageError("--export-now applies to --stage unet and unet-joint (the other stages export when they finish)")
+        P.export_denoiser(workdir, out, args.stage.replace("-", "_"))
+        print(f"exported the latest {args.stage} checkpoint's EMA weights to {out}")
+        return
     tokenizer_dir = _tokenizer_source(args, out) if args.stage == "clip" else None
     corpus = P.build_corpus(workdir, args.corpus_size)
     if args.stage == "vae":
-        P.pretrain_vae(workdir, out, corpus, settings)
+        P.pretrain_vae(workdir, out, corpus, settings, device=args.device)
     elif args.stage == "clip":
-        P.pretrain_clip(workdir, out, corpus, settings, tokenizer_dir)
+        P.pretrain_clip(workdir, out, corpus, settings, tokenizer_dir, device=args.device)
+    elif args.stage == "clip-negatives":
+        print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, device=args.device), indent=2))
     else:
-        P.pretrain_unet(workdir, out, corpus, settings)
+        P.pretrain_denoiser(workdir, out, corpus, settings, args.stage.replace("-", "_"), device=args.device)
     print(f"stage {args.stage} done: {out}")
 
 
@@ -369,10 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     mini = sub.add_parser("mini", help="pristine-mini, the embedded model").add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
     pre = mini.add_parser("pretrain", help="pre-train one stage of pristine-mini (resumes when run again)")
-    pre.add_argument("--stage", required=True, choices=("vae", "clip", "unet", "oracle"))
+    pre.add_argument("--stage", required=True, choices=tuple(STAGE_DEFAULTS),
+                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-negatives (the CLIP fine-tuned with one-word-swapped captions), oracle")
+    pre.add_argument("--device", default="cpu", help="cpu (default) or cuda: where a GPU is available, use it for the long stages")
+    pre.add_argument("--export-now", action="store_true", help="write the model folder from the stage's latest checkpoint and stop")
     pre.add_argument("--workdir", default="runs/mini", help="checkpoints, logs and the rendered corpus")
     pre.add_argument("--out", default="runs/mini/model", help="the model folder the stages fill")
-    pre.add_argument("--steps", type=_positive("--steps"), default=None)
+    pre.add_argument("--steps", type=_positive("--steps"), default=None, help="training steps (default: the shipped recipe's)")
+    pre.add_argument("--batch-size", type=_positive("--batch-size"), default=None, help="batch size (default: the shipped recipe's)")
     pre.add_argument("--corpus-size", type=_positive("--corpus-size"), default=60000)
     pre.add_argument("--threads", type=_positive("--threads"), default=None)
     pre.add_argument("--bpe", default=None, help="open_clip's bpe_simple_vocab_16e6.txt.gz, to build the tokenizer")

@@ -29,21 +29,24 @@ CAPTIONS_PER_SCENE = 3
 # ---- the corpus: rendered once, cached in the work folder -------------------------------------
 
 
-def _render_chunk(args) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+def _render_chunk(args) -> tuple[np.ndarray, np.ndarray, list[list[str]], list[str]]:
     seed, n = args
     rng = np.random.default_rng(seed)
     images, masks, captions = np.zeros((n, 32, 32, 3), np.uint8), np.zeros((n, 32, 32), bool), []
+    scenes = []
     for i in range(n):
         scene = PRETRAINING_WORLD.sample(rng)
         images[i], object_masks = render(scene)
         masks[i] = np.any(object_masks, axis=0)
         captions.append([caption(scene, rng) for _ in range(CAPTIONS_PER_SCENE)])
-    return images, masks, captions
+        scenes.append(json.dumps(scene.attributes()))
+    return images, masks, captions, scenes
 
 
 def build_corpus(workdir: Path, n: int, seed: int = 0, workers: int = 2) -> Path:
-    """Render n pre-training scenes (with where their objects are) and several captions each; cached."""
-    path = workdir / f"corpus_v2_seed{seed}_n{n}.npz"
+    """Render n pre-training scenes (with where their objects are, their ground truth and several
+    captions each); cached."""
+    path = workdir / f"corpus_v3_seed{seed}_n{n}.npz"
     if path.exists():
         return path
     chunk = 2000
@@ -54,8 +57,9 @@ def build_corpus(workdir: Path, n: int, seed: int = 0, workers: int = 2) -> Path
         parts = list(tqdm(pool.imap(_render_chunk, jobs), total=len(jobs), desc="render corpus"))
     images, masks = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     captions = [c for p in parts for c in p[2]]
+    scenes = np.array([s for p in parts for s in p[3]])
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, images=images, masks=masks, captions=np.array(captions, dtype=object).astype(str))
+    np.savez(tmp, images=images, masks=masks, captions=np.array(captions, dtype=object).astype(str), scenes=scenes)
     tmp.rename(path)
     return path
 
@@ -95,15 +99,18 @@ class StageHooks:
 
 def run_stage(name: str, workdir: Path, model: torch.nn.Module, params, settings: StageSettings, loss_fn,
               hooks: StageHooks | None = None) -> dict:
-    """Train `params` with AdamW and a warm-up/cosine schedule, resuming from the stage's checkpoint.
+    """Train `params` (tensors, or AdamW parameter groups) with a warm-up/cosine schedule, resuming
+    from the stage's checkpoint.
 
     loss_fn(step, generator) returns (loss, logs); its batches must be drawn from `generator`
-    so a resumed run sees the same batches as an uninterrupted one.
+    so a resumed run sees the same batches as an uninterrupted one. Wall-clock seconds add up across
+    resumes and are logged with every step (`wall`).
     """
     stage_dir = workdir / name
     stage_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = stage_dir / "state.safetensors", stage_dir / "log.jsonl"
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    flat_params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def lr_at(step):
         if step < settings.warmup:
@@ -113,12 +120,13 @@ def run_stage(name: str, workdir: Path, model: torch.nn.Module, params, settings
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     hooks = hooks or StageHooks()
-    start = 0
+    start, wall_before = 0, 0.0
     if state_path.exists():
-        start = load_training_state(state_path, model, optimizer, scheduler)["step"]
+        extra = load_training_state(state_path, model, optimizer, scheduler)
+        start, wall_before = extra["step"], extra.get("wall", 0.0)
         hooks.load()
     if start >= settings.steps:
-        return {"step": start}
+        return {"step": start, "wall": wall_before}
     model.train()
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"pretrain {name}")
     t0 = time.time()
@@ -130,18 +138,20 @@ def run_stage(name: str, workdir: Path, model: torch.nn.Module, params, settings
                 raise FloatingPointError(f"{name}: loss is {loss.item()} at step {step}; last good checkpoint kept at {state_path}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(flat_params, 1.0)
             optimizer.step()
             scheduler.step()
             hooks.after_update(step + 1)
-            record = {"step": step + 1, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0], **logs}
+            wall = wall_before + time.time() - t0
+            record = {"step": step + 1, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0],
+                      "wall": round(wall, 1), **logs}
             log.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{record['lr']:.2e}", it_s=f"{(step + 1 - start) / (time.time() - t0):.2f}")
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
                 log.flush()
                 hooks.save()
-                save_training_state(state_path, model, optimizer, {"step": step + 1}, scheduler)
-    return {"step": settings.steps}
+                save_training_state(state_path, model, optimizer, {"step": step + 1, "wall": wall}, scheduler)
+    return {"step": settings.steps, "wall": wall_before + time.time() - t0}
 
 
 def read_log(workdir: Path, name: str) -> list[dict]:
@@ -162,7 +172,7 @@ def _batch(n_items: int, batch_size: int, generator: torch.Generator) -> torch.T
 # ---- stages ---------------------------------------------------------------------------------------
 
 
-def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings) -> None:
+def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings, device: str = "cpu") -> None:
     images, _ = load_corpus(corpus)
     # objects cover a few percent of the pixels: weigh them (and a pixel around them) 5x, or the
     # autoencoder learns textured backgrounds long before shapes and colors
@@ -172,15 +182,16 @@ def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings
     vae = arch.new_vae()
     with torch.no_grad():  # start with a small posterior std: unit noise on fresh latents drowns them
         vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
+    vae.to(device)
 
     def edges(img):
         return img[..., 1:, :] - img[..., :-1, :], img[..., :, 1:] - img[..., :, :-1]
 
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g)
-        x, w = images[idx], weights[idx]
+        x, w = images[idx].to(device), weights[idx].to(device)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
         recon = vae.decode(z).sample
         err = recon - x
         l1, mse = (err.abs() * w).mean(), (err.pow(2) * w).mean()
@@ -190,42 +201,116 @@ def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings
         return l1 + mse + edge + 1e-4 * kl, {"l1": round(l1.item(), 5), "kl": round(kl.item(), 4)}
 
     run_stage("vae", workdir, vae, list(vae.parameters()), settings, loss_fn)
-    vae.eval()
+    vae.eval().cpu()
     with torch.no_grad():  # unit-variance latents, as Stable Diffusion's scaling factor gives
         z = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, min(4000, len(images)), 500)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
 
 
-def pretrain_clip(workdir: Path, out: Path, corpus: Path, settings: StageSettings, tokenizer_dir: Path) -> None:
+def pretrain_clip(workdir: Path, out: Path, corpus: Path, settings: StageSettings, tokenizer_dir: Path,
+                  device: str = "cpu") -> None:
     from .tokenizer import load_tokenizer
 
     images, captions = load_corpus(corpus)
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = tokenize(tokenizer, captions.reshape(-1)).reshape(len(images), CAPTIONS_PER_SCENE, 77)[:, :, :40]
     torch.manual_seed(settings.seed)
-    clip = arch.new_clip()
+    clip = arch.new_clip().to(device)
 
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g)
         which = torch.randint(0, CAPTIONS_PER_SCENE, (len(idx),), generator=g)
-        out_ = clip(input_ids=ids[idx, which], pixel_values=images[idx], return_loss=True)
-        acc = (out_.logits_per_image.argmax(1) == torch.arange(len(idx))).float().mean()
+        out_ = clip(input_ids=ids[idx, which].to(device), pixel_values=images[idx].to(device), return_loss=True)
+        acc = (out_.logits_per_image.argmax(1).cpu() == torch.arange(len(idx))).float().mean()
         return out_.loss, {"acc": round(acc.item(), 4), "scale": round(clip.logit_scale.exp().item(), 2)}
 
     run_stage("clip", workdir, clip, list(clip.parameters()), settings, loss_fn)
-    clip = clip.to(torch.float16)
+    clip = clip.cpu().to(torch.float16)
     clip.save_pretrained(out / "clip", safe_serialization=True)
     write_clip_processor(out / "clip")
     from transformers import CLIPTextModel
 
     text = CLIPTextModel(clip.config.text_config)
     getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())  # transformers 5 flattened it
-    text.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
+    save_text_encoder(text, out / "text_encoder")
     import shutil
 
-    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    if Path(tokenizer_dir).resolve() != (out / "tokenizer").resolve():
+        shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
     shutil.copytree(tokenizer_dir, out / "clip", dirs_exist_ok=True)
+
+
+def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: StageSettings, negatives: int = 3,
+                            zero_shot_weight: float = 1.0, device: str = "cpu") -> dict:
+    """Fine-tune the mini CLIP (out/clip) until it reads every attribute a caption states.
+
+    Contrastive learning over a batch never needed shape: color, background and place already tell
+    the batch's captions apart. So each picture is also contrasted with `negatives` captions of the
+    same phrasing that say one thing wrong (a swapped value, or two objects' attributes exchanged),
+    and single-object pictures learn the zero-shot prompts ("a star", "a red object", ...) per attribute.
+    Writes out/clip only: the UNet's text encoder is trained with the UNet (stage unet-joint).
+    """
+    from transformers import CLIPModel
+
+    from ..world.scene import Scene
+    from . import clip_reading as R
+    from .tokenizer import load_tokenizer
+
+    images, _ = load_corpus(corpus)
+    scenes = [Scene.from_attributes(json.loads(s)) for s in np.load(corpus)["scenes"]]
+    init = workdir / "clip_negatives" / "init"
+    if not init.exists():
+        import shutil
+
+        shutil.copytree(out / "clip", init)
+    tokenizer = load_tokenizer(out / "tokenizer")
+    ids = R.TextEncoderCache(tokenizer)
+    prompts = R.zero_shot_prompts()
+    prompt_ids = ids(prompts).to(device)
+    truths = [R.zero_shot_truth(s) for s in scenes]
+    clip = CLIPModel.from_pretrained(init, torch_dtype=torch.float32).to(device)
+
+    def loss_fn(step, g):
+        idx = _batch(len(images), settings.batch_size, g).tolist()
+        rng = np.random.default_rng([settings.seed, step])
+        texts, negs = [], []
+        for i in idx:
+            positive, wrong = R.caption_with_negatives(scenes[i], int(rng.integers(2**31)), negatives, rng)
+            texts.append(positive)
+            negs.extend(wrong)
+        b = len(idx)
+        img = F.normalize(clip.get_image_features(pixel_values=images[idx].to(device)).pooler_output, dim=-1)
+        txt = F.normalize(clip.get_text_features(input_ids=ids(texts + negs).to(device)).pooler_output, dim=-1)
+        scale = clip.logit_scale.exp()
+        pos, neg = txt[:b], txt[b:].view(b, negatives, -1)
+        batch_logits = scale * img @ pos.T
+        hard_logits = scale * torch.einsum("bd,bkd->bk", img, neg)
+        target = torch.arange(b, device=device)
+        contrastive = (F.cross_entropy(torch.cat([batch_logits, hard_logits], 1), target)
+                       + F.cross_entropy(batch_logits.T, target)) / 2
+        zs_logits = scale * img @ F.normalize(clip.get_text_features(input_ids=prompt_ids).pooler_output, dim=-1).T
+        zero_shot, start = 0.0, 0
+        for name, (values, _) in R.ZERO_SHOT.items():
+            truth = torch.tensor([truths[i].get(name, -100) for i in idx], device=device)
+            if (truth >= 0).any():
+                zero_shot = zero_shot + F.cross_entropy(zs_logits[:, start : start + len(values)], truth, ignore_index=-100)
+            start += len(values)
+        hard_acc = (hard_logits.max(1).values < batch_logits.diagonal()).float().mean()
+        loss = contrastive + zero_shot_weight * zero_shot
+        return loss, {"contrastive": round(contrastive.item(), 4), "zero_shot": round(float(zero_shot), 4),
+                      "hard_acc": round(hard_acc.item(), 3)}
+
+    run_stage("clip_negatives", workdir, clip, list(clip.parameters()), settings, loss_fn)
+    clip = clip.cpu().eval()
+    result = R.check(clip, tokenizer, n=min(500, len(images)), seed=settings.seed + 1)  # a tiny corpus is a smoke run
+    clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
+    write_clip_processor(out / "clip")
+    import shutil
+
+    shutil.copytree(out / "tokenizer", out / "clip", dirs_exist_ok=True)
+    (out / "clip" / "selftest.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def write_clip_processor(folder: Path) -> None:
@@ -280,39 +365,95 @@ def _min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Te
     return torch.clamp(snr, max=gamma) / snr
 
 
-def pretrain_unet(workdir: Path, out: Path, corpus: Path, settings: StageSettings, caption_dropout: float = 0.1,
-                  ema_decay: float = 0.999) -> None:
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
+def save_text_encoder(text_encoder, folder: Path) -> None:
+    """float16 weights (half the size) with a config that loads as float32, like the UNet and VAE:
+    transformers would otherwise load the tower in float16 beside a float32 UNet, and a plain
+    StableDiffusionPipeline.from_pretrained(path) fails on its first call."""
+    text_encoder.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config.pop("torch_dtype", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
-    from .tokenizer import load_tokenizer
 
-    images, captions = load_corpus(corpus)
+def _encoded_corpus(workdir: Path, out: Path, corpus: Path, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """Latents of the corpus under the frozen VAE (cached; stale if the corpus or the VAE changes),
+    the captions, and the object masks at latent resolution."""
     import hashlib
 
+    from diffusers import AutoencoderKL
+
+    data = np.load(corpus)
+    captions = data["captions"]
     vae_hash = hashlib.sha1((out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:10]
-    latents_path = workdir / f"unet_latents_{corpus.stem}_vae{vae_hash}.safetensors"  # stale if either changes
-    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
+    latents_path = workdir / f"unet_latents_{corpus.stem}_vae{vae_hash}.safetensors"
     if latents_path.exists():
         from safetensors.torch import load_file
 
         latents = load_file(str(latents_path))["latents"]
     else:
-        with torch.no_grad():  # the VAE is frozen: encode the corpus once
-            latents = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in
+        images, _ = load_corpus(corpus)
+        vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval().to(device)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(images[i : i + 500].to(device)).latent_dist.mean.cpu() for i in
                                  tqdm(range(0, len(images), 500), desc="encode latents")]) * vae.config.scaling_factor
         from ..checkpoint import atomic_save
 
         atomic_save({"latents": latents}, latents_path)
-    del images
+    factor = arch.IMAGE_SIZE // arch.LATENT_SIZE
+    object_cells = F.max_pool2d(torch.from_numpy(data["masks"])[:, None].float(), factor)  # any object pixel
+    return latents, captions, object_cells
+
+
+DENOISER_PHASES = {
+    # stage -> (starts from the model folder's unet/ and text_encoder/, trains the text encoder,
+    #           extra loss weight of the latent cells an object touches)
+    "unet": (False, False, 0.0),
+    "unet_joint": (True, True, 4.0),
+}
+
+
+def pretrain_denoiser(workdir: Path, out: Path, corpus: Path, settings: StageSettings, stage: str = "unet",
+                      text_lr_scale: float = 0.5, caption_dropout: float = 0.1, ema_decay: float = 0.999,
+                      device: str = "cpu") -> None:
+    """The UNet, in two phases.
+
+    `unet`: a fresh UNet under the clip stage's frozen text tower; epsilon loss, min-SNR-5 weights.
+    `unet_joint`: from the model folder's unet/ and text_encoder/, both trained together. Why: the
+    contrastive text tower never needed shape (color, background and place already tell a batch's
+    captions apart), so it gave the UNet no shape to bind to; the denoising loss makes every word the
+    UNet needs count. The latent cells an object touches weigh 5x in its loss: objects cover a few
+    percent of the picture, and a uniform loss spends the model on background textures.
+    The EMA of the weights (decay 0.999) is what ships.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .tokenizer import load_tokenizer
+
+    warm_start, train_text, object_weight = DENOISER_PHASES[stage]
+    latents, captions, object_cells = _encoded_corpus(workdir, out, corpus, device)
+    init = workdir / stage / "init"  # the stage's inputs, kept: its export overwrites out/
+    if not init.exists():
+        import shutil
+
+        for part in ("unet", "text_encoder") if warm_start else ("text_encoder",):
+            shutil.copytree(out / part, init / part)
     tokenizer = load_tokenizer(out / "tokenizer")
     ids = tokenize(tokenizer, captions.reshape(-1)).reshape(len(latents), CAPTIONS_PER_SCENE, 77)
     empty_ids = tokenize(tokenizer, [""])[0]
-    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32).eval().requires_grad_(False)
-    scheduler = arch.new_scheduler()
     torch.manual_seed(settings.seed)
-    unet = arch.new_unet()
-    ema = EMA(unet, workdir / "unet" / "ema.safetensors", ema_decay)
+    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32) if warm_start else arch.new_unet()
+    text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32)
+    text_encoder.requires_grad_(train_text).train(train_text)
+    trained = torch.nn.ModuleDict({"unet": unet, **({"text_encoder": text_encoder} if train_text else {})})
+    unet.to(device), text_encoder.to(device)
+    scheduler = arch.new_scheduler()
+    ema = EMA(trained, workdir / stage / "ema.safetensors", ema_decay)
+    groups = [{"params": list(unet.parameters())}]
+    if train_text:
+        groups.append({"params": list(text_encoder.parameters()), "lr": settings.lr * text_lr_scale})
 
     def loss_fn(step, g):
         idx = _batch(len(latents), settings.batch_size, g)
@@ -320,20 +461,45 @@ def pretrain_unet(workdir: Path, out: Path, corpus: Path, settings: StageSetting
         tokens = ids[idx, which]
         drop = torch.rand(len(idx), generator=g) < caption_dropout
         tokens[drop] = empty_ids
-        with torch.no_grad():
-            cond = text_encoder(tokens).last_hidden_state
-        x0 = latents[idx]
+        x0, weights = latents[idx], 1 + object_weight * object_cells[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         xt = scheduler.add_noise(x0, noise, t)
-        pred = unet(xt, t, cond).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        loss = (per_sample * _min_snr_weights(scheduler, t)).mean()
+        with torch.set_grad_enabled(train_text):
+            cond = text_encoder(tokens.to(device)).last_hidden_state
+        pred = unet(xt.to(device), t.to(device), cond).sample
+        weights = weights.to(device)
+        per_sample = ((pred - noise.to(device)).pow(2) * weights).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3))
+        loss = (per_sample * _min_snr_weights(scheduler, t).to(device)).mean()
         return loss, {"mse": round(per_sample.mean().item(), 5)}
 
-    run_stage("unet", workdir, unet, list(unet.parameters()), settings, loss_fn, hooks=ema)
-    unet.load_state_dict(ema.weights)
+    run_stage(stage, workdir, trained, groups, settings, loss_fn, hooks=ema)
+    export_denoiser(workdir, out, stage)
+
+
+def export_denoiser(workdir: Path, out: Path, stage: str) -> None:
+    """Write unet/ (and text_encoder/ where the stage trains it) from the stage's EMA weights; also
+    mid-run, from the latest checkpoint."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    ema_path = workdir / stage / "ema.safetensors"
+    if not ema_path.exists():
+        raise FileNotFoundError(f"{ema_path}: the {stage} stage has no checkpoint yet")
+    weights, init = load_file(str(ema_path)), workdir / stage / "init"
+    warm_start, train_text, _ = DENOISER_PHASES[stage]
+
+    def part(prefix):
+        return {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+
+    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32) if warm_start else arch.new_unet()
+    unet.load_state_dict(part("unet"))
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    if train_text:
+        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32)
+        text_encoder.load_state_dict(part("text_encoder"))
+        save_text_encoder(text_encoder, out / "text_encoder")
     write_pipeline_files(out)
 
 

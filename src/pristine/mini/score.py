@@ -12,7 +12,8 @@ from ..world.scene import Scene, SceneSampler
 
 # Fresh prompts state every attribute they score; patterns and styles stay out of the bar.
 PROMPT_WORLD = SceneSampler(patterns=("solid",), pattern_probs=None, styles=("plain",), style_probs=None)
-BAR = {"single.shape": 0.90, "single.color": 0.90, "single.background": 0.90, "single.position": 0.85, "two.all_right": 0.60}
+BAR = {"single.shape": 0.90, "single.color": 0.95, "single.background": 0.95, "single.size": 0.90,
+       "single.position": 0.90, "two.all_right": 0.60}
 
 
 @dataclass
