@@ -57,7 +57,7 @@ STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped
     "clip": (900, 128, 5e-4),
     "oracle": (2500, 128, 2e-3),
     "unet": (3000, 128, 3e-4),
-    "unet-joint": (2000, 128, 2e-4),
+    "unet-joint": (1800, 128, 2e-4),
     "clip-negatives": (400, 64, 2e-4),
 }
 
@@ -140,6 +140,14 @@ def cmd_mini_score(args) -> None:
     oracle = mini.load_oracle(folder)
     if args.selftest:
         result = {f"oracle.{k}": v for k, v in S.selftest(oracle, n=args.n, seed=args.seed).items()}
+    elif args.clip:
+        from .mini import clip_reading
+        from .mini.tokenizer import load_tokenizer
+
+        clip, _ = mini.load_clip(folder)
+        result = {f"clip.{k}": v for k, v in clip_reading.check(clip, load_tokenizer(Path(folder) / "tokenizer"),
+                                                                n=args.n, seed=args.seed).items()}
+        result["clip.meets_bar"] = clip_reading.meets_bar({k[5:]: v for k, v in result.items()})
     else:
         result = S.score(mini.load_pipeline(folder), oracle, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance)
     if args.json:
@@ -403,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--json", action="store_true")
     score.add_argument("--selftest", action="store_true", help="the oracle's own accuracy on fresh renders instead")
+    score.add_argument("--clip", action="store_true",
+                       help="the mini CLIP instead: zero-shot accuracy per attribute on --n fresh renders, and how often "
+                            "the true caption outscores every one-word swap")
     score.add_argument("--steps", type=_positive("--steps"), default=50)
     score.add_argument("--guidance", type=float, default=5.0)
     score.add_argument("--model", default=None, help="a pristine-mini model folder (default: the embedded one)")

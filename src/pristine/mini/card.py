@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .pretrain import read_log
 
-STAGES = ("vae", "clip", "oracle", "unet")
+STAGES = ("vae", "clip", "oracle", "unet", "unet_joint", "clip_negatives")
 
 
 def plot_losses(workdir: Path, out_png: Path) -> Path:
@@ -16,19 +16,20 @@ def plot_losses(workdir: Path, out_png: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3.2))
-    for ax, stage in zip(axes, STAGES):
-        log = read_log(workdir, stage)
-        if not log:
-            ax.set_title(f"{stage}: no log")
-            continue
+    logs = {stage: read_log(workdir, stage) for stage in STAGES}
+    logs = {stage: log for stage, log in logs.items() if log}  # stages run on another machine have no log here
+    if not logs:
+        raise FileNotFoundError(f"{workdir}: no stage logs to plot")
+    fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3.2), squeeze=False)
+    axes = axes[0]
+    for ax, (stage, log) in zip(axes, logs.items()):
         steps = np.array([r["step"] for r in log])
         loss = np.array([r["loss"] for r in log])
         k = max(1, len(loss) // 50)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(steps, loss, alpha=0.25, lw=0.7)
         ax.plot(steps[k - 1 :], smooth, lw=1.5)
-        ax.set_title(stage)
+        ax.set_title(f"{stage} ({log[-1].get('wall', 0) / 60:.0f} min)" if log[-1].get("wall") else stage)
         ax.set_xlabel("step")
         ax.set_yscale("log")
     axes[0].set_ylabel("training loss")

@@ -242,7 +242,7 @@ def pretrain_clip(workdir: Path, out: Path, corpus: Path, settings: StageSetting
 
 
 def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: StageSettings, negatives: int = 3,
-                            zero_shot_weight: float = 1.0, device: str = "cpu") -> dict:
+                            zero_shot_weight: float = 1.0, embedding_lr_scale: float = 1.0, device: str = "cpu") -> dict:
     """Fine-tune the mini CLIP (out/clip) until it reads every attribute a caption states.
 
     Contrastive learning over a batch never needed shape: color, background and place already tell
@@ -301,7 +301,12 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
         return loss, {"contrastive": round(contrastive.item(), 4), "zero_shot": round(float(zero_shot), 4),
                       "hard_acc": round(hard_acc.item(), 3)}
 
-    run_stage("clip_negatives", workdir, clip, list(clip.parameters()), settings, loss_fn)
+    # the first CLIP stage never trained the words it did not need (shape words kept their initial
+    # norm, like unused words): their rows may take a larger step than the rest of the model
+    embedding = clip.text_model.embeddings.token_embedding.weight
+    groups = [{"params": [p for p in clip.parameters() if p is not embedding]},
+              {"params": [embedding], "lr": settings.lr * embedding_lr_scale}]
+    run_stage("clip_negatives", workdir, clip, groups, settings, loss_fn)
     clip = clip.cpu().eval()
     result = R.check(clip, tokenizer, n=min(500, len(images)), seed=settings.seed + 1)  # a tiny corpus is a smoke run
     clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
