@@ -121,3 +121,44 @@ def test_oracle_embedding_tells_concepts_apart(oracle):
         other = oracle.embedding([render(others[k].scene(rng))[0] for k in range(4)])
         hits += int((own @ refs.T).mean() > (other @ refs.T).mean())
     assert hits == len(DEV_CONCEPTS)
+
+
+def test_oracle_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from pristine.mini import pretrain as P
+    from pristine.mini.oracle import Oracle
+
+    settings = P.StageSettings(steps=3, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=1)
+    P.pretrain_oracle(tmp_path / "once", tmp_path / "once" / "model", settings, n_train=24)
+
+    degrade, calls = P.degrade, []
+
+    def stop_at_the_third_step(x, g):  # a stop after two checkpointed steps
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return degrade(x, g)
+
+    monkeypatch.setattr(P, "degrade", stop_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        P.pretrain_oracle(tmp_path / "twice", tmp_path / "twice" / "model", settings, n_train=24)
+    monkeypatch.setattr(P, "degrade", degrade)
+    acc = P.pretrain_oracle(tmp_path / "twice", tmp_path / "twice" / "model", settings, n_train=24)
+    assert {"base.shape", "full.marking", "full.accent"} <= set(acc)
+    assert len(P.read_log(tmp_path / "twice", "oracle")) == 3
+    assert Oracle.load(tmp_path / "twice" / "model" / "oracle").config["full_res_convs"] == 2
+    from safetensors.torch import load_file
+
+    # the same batches and optimizer state; float sums may differ in the last bits
+    once, twice = (load_file(str(tmp_path / w / "oracle" / "state.safetensors")) for w in ("once", "twice"))
+    assert all(torch.allclose(once[k].float(), twice[k].float(), rtol=0, atol=1e-6) for k in once if k.startswith("model."))
+
+
+def test_oracle_loads_folders_saved_before_full_resolution_layers(tmp_path):
+    from pristine.mini.oracle import Oracle
+
+    old = Oracle(full_res_convs=1)
+    old.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["full_res_convs"]  # what earlier oracles wrote
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert Oracle.load(tmp_path).config["full_res_convs"] == 1
