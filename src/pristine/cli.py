@@ -83,7 +83,8 @@ def cmd_mini_pretrain(args) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if args.stage == "oracle":
-        print(json.dumps(P.pretrain_oracle(workdir, out, settings, n_train=args.corpus_size), indent=2))
+        print(json.dumps(P.pretrain_oracle(workdir, out, settings, n_train=args.corpus_size,
+                                            device=getattr(args, "device", "cpu")), indent=2))
         return
     for part in STAGE_NEEDS.get(args.stage, ()):
         if not (out / part).exists():

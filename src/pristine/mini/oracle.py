@@ -38,12 +38,15 @@ def _conv(cin, cout, stride=1):
 
 
 class Oracle(nn.Module):
-    def __init__(self, widths=(32, 64, 128, 192), embed_dim=256):
+    def __init__(self, widths=(32, 64, 128, 192), embed_dim=256, full_res_convs=2):
         super().__init__()
-        self.config = {"widths": list(widths), "embed_dim": embed_dim}
+        self.config = {"widths": list(widths), "embed_dim": embed_dim, "full_res_convs": full_res_convs}
         w = widths
+        # Markings on small objects are a few pixels wide (a small rim and a small dot differ only in
+        # the pixels where two tones mix), so the first layers keep the full 32x32 resolution.
         self.features = nn.Sequential(
             _conv(3, w[0]),
+            *[_conv(w[0], w[0]) for _ in range(full_res_convs - 1)],
             _conv(w[0], w[1], 2), _conv(w[1], w[1]),
             _conv(w[1], w[2], 2), _conv(w[2], w[2]),
             _conv(w[2], w[3], 2), _conv(w[3], w[3]),
@@ -89,7 +92,8 @@ class Oracle(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        model = cls(**json.loads((folder / "config.json").read_text()))
+        config = {"full_res_convs": 1, **json.loads((folder / "config.json").read_text())}  # older oracles had one
+        model = cls(**config)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "model.safetensors")).items()})
         return model.eval()
 
