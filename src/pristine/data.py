@@ -165,15 +165,26 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def draw(self, batch_size: int, generator: torch.Generator, prior_batch: int = 0) -> dict:
-        """A batch of instance examples (and prior examples), drawn from the step's generator."""
+    def draw(self, batch_size: int, generator: torch.Generator, prior_batch: int = 0,
+             shard: tuple[int, int] = (0, 1)) -> dict:
+        """A batch of instance examples (and prior examples), drawn from the step's generator.
+
+        With `shard` (this process, processes), the batch of all processes together is drawn (the
+        same on each) and this process keeps its share: batch_size instance examples and prior_batch
+        prior ones; `positions` says where they sit in the whole batch, `global_size` how big it is."""
+        rank, world = shard
         inst = torch.nonzero(~self.is_prior).flatten()
-        idx = inst[torch.randint(0, len(inst), (batch_size,), generator=generator)]
+        idx = inst[torch.randint(0, len(inst), (batch_size * world,), generator=generator)]
+        mine = torch.arange(rank * batch_size, (rank + 1) * batch_size)
         if prior_batch:
             prior = torch.nonzero(self.is_prior).flatten()
-            idx = torch.cat([idx, prior[torch.randint(0, len(prior), (prior_batch,), generator=generator)]])
+            idx = torch.cat([idx, prior[torch.randint(0, len(prior), (prior_batch * world,), generator=generator)]])
+            mine = torch.cat([mine, batch_size * world + torch.arange(rank * prior_batch, (rank + 1) * prior_batch)])
         flips = (torch.rand(len(idx), generator=generator) < 0.5) & self.flip
-        batch = {"index": idx, "prompts": [self.prompts[i] for i in idx.tolist()], "is_prior": self.is_prior[idx],
+        global_size = len(idx)
+        idx, flips = idx[mine], flips[mine]
+        batch = {"index": idx, "positions": mine, "global_size": global_size,
+                 "prompts": [self.prompts[i] for i in idx.tolist()], "is_prior": self.is_prior[idx],
                  "concept": self.concept_index[idx],
                  "extras": [self.extras[i] if self.extras else {} for i in idx.tolist()]}
         if self.latents is not None:

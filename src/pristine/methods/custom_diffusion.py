@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ def cross_attention_kv(denoiser) -> dict[str, torch.nn.Parameter]:
 @dataclass
 class CustomDiffusionConfig(MethodConfig):
     token_lr: float = 1e-3
+
+    positive: ClassVar[tuple[str, ...]] = ("token_lr",)
 
 
 @register

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from .base import Method, MethodConfig, TokenEmbeddings, register
@@ -12,6 +13,8 @@ from .base import Method, MethodConfig, TokenEmbeddings, register
 class DreamBoothConfig(MethodConfig):
     train_token: bool = True
     token_lr: float = 5e-3
+
+    positive: ClassVar[tuple[str, ...]] = ("token_lr",)
 
 
 @register

@@ -4,6 +4,7 @@ optionally with the concept token's embedding (pivotal tuning), optionally with 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ class LoraConfig(MethodConfig):
     dropout: float = 0.0
     train_token: bool = True  # learn the token's embedding too (its row starts as the class word's)
     token_lr: float = 5e-3
+
+    positive: ClassVar[tuple[str, ...]] = ("rank", "alpha", "token_lr")
 
 
 def add_lora(denoiser, config: LoraConfig, name: str) -> list[torch.nn.Parameter]:
