@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from .base import Method, MethodConfig, TokenEmbeddings, register
 
@@ -40,7 +40,11 @@ class DreamBooth(Method):
         tmp, final = out_dir / ".model.tmp", out_dir / "model"
         shutil.rmtree(tmp, ignore_errors=True)
         self.tokens.write_back()  # the saved text encoder carries the learned token
-        self.backbone.pipeline().save_pretrained(tmp, safe_serialization=True)
+        try:
+            self.backbone.pipeline().save_pretrained(tmp, safe_serialization=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
+            raise
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return [final, self.tokens.save(out_dir)]

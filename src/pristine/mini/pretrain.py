@@ -292,7 +292,7 @@ def pretrain_unet(workdir: Path, out: Path, corpus: Path, settings: StageSetting
 
     vae_hash = hashlib.sha1((out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:10]
     latents_path = workdir / f"unet_latents_{corpus.stem}_vae{vae_hash}.safetensors"  # stale if either changes
-    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32, use_safetensors=True).eval()
     if latents_path.exists():
         from safetensors.torch import load_file
 
@@ -308,7 +308,7 @@ def pretrain_unet(workdir: Path, out: Path, corpus: Path, settings: StageSetting
     tokenizer = load_tokenizer(out / "tokenizer")
     ids = tokenize(tokenizer, captions.reshape(-1)).reshape(len(latents), CAPTIONS_PER_SCENE, 77)
     empty_ids = tokenize(tokenizer, [""])[0]
-    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32).eval().requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32, use_safetensors=True).eval().requires_grad_(False)
     scheduler = arch.new_scheduler()
     torch.manual_seed(settings.seed)
     unet = arch.new_unet()
