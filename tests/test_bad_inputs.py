@@ -219,3 +219,40 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, capsy
         assert word in lines[0], (word, lines[0])
     assert _snapshot(world) == before  # the existing run and every other file, byte for byte
     assert not new.exists() and not list(tmp_path.glob("new_run*"))  # nothing half-written
+
+
+def test_animated_gif_and_float_tiff_are_read_not_skipped_or_black(tmp_path):
+    from pristine.data import ConceptImages, ConceptSpec
+
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    Image.fromarray(np.full((32, 32), 0.5, np.float32), mode="F").save(tmp_path / "float.png", format="TIFF")
+    c = ConceptImages.load(ConceptSpec(str(tmp_path), "<v1>", "star"))
+    images = {p.name: np.asarray(im) for p, im in zip(c.paths, c.images)}
+    assert set(images) == {"anim.gif", "float.png"}
+    assert images["anim.gif"][..., 0].mean() > 200 and images["anim.gif"][..., 2].mean() < 50  # the first (red) frame
+    assert abs(images["float.png"].mean() - 128) < 2  # 0.5 of the range, not black
+
+
+def test_ctrl_c_says_how_to_continue(world, tmp_path, capsys, monkeypatch):
+    import pristine.train
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pristine.train, "train", interrupted)
+    assert main(_train(world, "star", "--out", str(tmp_path / "r"))) == 130
+    assert "--resume latest" in capsys.readouterr().err
+
+
+def test_allow_pickle_loads_a_pickled_model(world, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(world["tiny"], folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(folder / "unet", safe_serialization=False)
+    argv = _train(world, "star", "--model", str(folder), "--out", str(tmp_path / "r"))
+    assert main(argv) == 2 and "--allow-pickle" in capsys.readouterr().err
+    assert main([*argv, "--allow-pickle"]) == 0, capsys.readouterr().err
