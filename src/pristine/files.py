@@ -15,6 +15,7 @@ from .errors import UsageError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ALLOW_PICKLE = "--allow-pickle"
+PROBE_PREFIX = ".tmp-pristine-probe-"  # the file check_writable_folder makes and removes at once
 
 
 def durable_replace(tmp: Path, path: Path) -> None:
@@ -90,6 +91,11 @@ def check_model_weights(folder: Path, allow_pickle: bool = False) -> None:
                              f"does not load it unless you pass {ALLOW_PICKLE} (or convert the folder to safetensors)")
 
 
+def is_empty_folder(folder: Path) -> bool:
+    """No entries but, perhaps, another process's writability probe of the moment."""
+    return not any(not p.name.startswith(PROBE_PREFIX) for p in folder.iterdir())
+
+
 def check_writable_folder(folder: Path, flag: str) -> None:
     """Before any work: `folder` (or the nearest part of it that exists) is a folder this user can write in."""
     probe = folder
@@ -100,7 +106,7 @@ def check_writable_folder(folder: Path, flag: str) -> None:
     if probe.exists() and not probe.is_dir():
         raise UsageError(f"{flag} {folder}: {probe} is a file, not a folder; give a folder path")
     try:
-        fd, name = tempfile.mkstemp(dir=probe, prefix=".tmp-pristine-probe-")
+        fd, name = tempfile.mkstemp(dir=probe, prefix=PROBE_PREFIX)
         os.close(fd)
         os.unlink(name)
     except OSError as e:

@@ -18,9 +18,10 @@ import torch
 import yaml
 
 from .checkpoint import atomic_save
-from .files import PICKLE_SUFFIXES, atomic_write_text, check_safetensors, check_writable_folder, remove_temporaries
 from .data import ConceptImages, ConceptSpec, build_training_set, cache_latents, class_images, to_rgb
 from .errors import UsageError
+from .files import (PICKLE_SUFFIXES, atomic_write_text, check_safetensors, check_writable_folder, is_empty_folder,
+                    remove_temporaries)
 from .methods import get_method
 from .methods.base import _coerce
 
@@ -181,7 +182,7 @@ def check_run_folder(out: Path, config: TrainConfig) -> None:
     """Before any work: --out is a folder this user can write, and it is empty, or a run of the same
     settings being resumed, or given up explicitly with --overwrite. Nothing else in it is touched."""
     check_writable_folder(out, "--out")
-    if not out.is_dir() or not any(out.iterdir()) or config.overwrite:
+    if not out.is_dir() or is_empty_folder(out) or config.overwrite:
         return
     saved_path = out / "config.yaml"
     if not config.resume:
