@@ -62,6 +62,7 @@ def test_a_damaged_checkpoint_is_passed_over_saying_so(tiny, star_images, tmp_pa
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "step_0000006.safetensors" in warnings[0] and "before it" in warnings[0], err
+    assert (run / "checkpoints" / "step_0000006.safetensors.damaged").is_file()  # kept aside, not deleted
     _same_outputs(kept, run)  # steps 5 and 6 trained again from step 4's checkpoint: the same weights
 
 

@@ -64,17 +64,24 @@ def check_safetensors(path: str | Path, what: str) -> None:
 
     The header and the data's extent are checked against the file size; a flipped bit inside the
     tensors cannot be seen, safetensors stores no checksum."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise UsageError(f"{what} {path}: a pickle file; pristine reads safetensors only, since a pickle can run code")
+    problem = safetensors_problem(path)
+    if problem:
+        raise UsageError(f"{what} {path}: not a complete safetensors file ({problem}); replace it with an intact copy")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file, or None when it is."""
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), "pt") as f:
             f.keys()
-    except Exception as e:  # safetensors' own error types: header, offsets, truncation
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:100]
-        raise UsageError(f"{what} {path}: not a complete safetensors file ({reason}); replace it with an intact copy")
+    except Exception as e:  # safetensors' own error types: header, offsets, truncation; or a vanished file
+        return (str(e).splitlines() or [type(e).__name__])[0][:100]
+    return None
 
 
 def check_model_weights(folder: Path, allow_pickle: bool = False) -> None:

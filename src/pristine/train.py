@@ -21,7 +21,7 @@ from .checkpoint import atomic_save
 from .data import ConceptImages, ConceptSpec, build_training_set, cache_latents, class_images, to_rgb
 from .errors import UsageError
 from .files import (PICKLE_SUFFIXES, atomic_write_text, check_safetensors, check_writable_folder, is_empty_folder,
-                    remove_temporaries)
+                    remove_temporaries, safetensors_problem)
 from .methods import get_method
 from .methods.base import _coerce
 
@@ -293,16 +293,16 @@ def _load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
     return int(meta["step"])
 
 
-def _resume(candidates: list[Path], explicit: bool, method, optimizer, scheduler, say) -> int:
-    """Load the first intact checkpoint; a damaged one (a kill or a full disk mid-write, a bad copy) is
-    passed over with a line saying so, unless the user named it."""
+def _resume(candidates: list[Path], method, optimizer, scheduler, main: bool, say) -> int:
+    """Load the first intact checkpoint. A damaged one (a bad copy, a full disk) is passed over with a
+    line saying so and renamed *.damaged (kept, never picked again); a named one was checked already."""
     for path in candidates:
-        try:
-            check_safetensors(path, "checkpoint")
-        except UsageError as e:
-            if explicit:
-                raise
-            say(f"warning: {e}; resuming from the checkpoint before it")
+        problem = safetensors_problem(path)
+        if problem:
+            say(f"warning: checkpoint {path} is damaged ({problem}); kept as {path.name}.damaged, "
+                "resuming from the checkpoint before it")
+            if main:
+                path.rename(path.with_name(path.name + ".damaged"))
             continue
         return _load_checkpoint(path, method, optimizer, scheduler)
     if candidates:
@@ -408,7 +408,7 @@ def run_training(config: TrainConfig):
                               num_training_steps=config.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    start = _resume(candidates, config.resume != "latest", method, optimizer, scheduler, say)
+    start = _resume(candidates, method, optimizer, scheduler, main, say)
     if main:
         _write_config(out, config)
         _keep_log_until(out, start)
