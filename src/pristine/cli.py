@@ -6,6 +6,7 @@ Bad input ends with one line on stderr naming what is wrong and what to do, and 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -186,7 +187,7 @@ def train_config_from_args(args):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
-    for key in ("prior_preservation", "gradient_checkpointing", "use_8bit_adam"):
+    for key in ("prior_preservation", "gradient_checkpointing", "use_8bit_adam", "overwrite", "allow_pickle"):
         if getattr(args, key):
             values[key] = True
     if args.no_flip:
@@ -227,24 +228,34 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .sample import grid_for_prompts, load_pipeline, run_tokens
+    from .files import check_writable_folder, durable_replace
+    from .sample import SCHEDULERS, grid_for_prompts, load_pipeline, run_tokens
 
+    # every argument is checked before the model loads and anything is generated
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: give a .png path for the grid")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: a folder; give a .png file path for the grid")
+    check_writable_folder(out.parent, "--out")
+    if args.scheduler not in SCHEDULERS:
+        raise UsageError(f"--scheduler {args.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
     if args.adapter:
         tokens = run_tokens(Path(args.adapter))
         for prompt in args.prompt:
             if tokens and not any(t in prompt for t in tokens) and not args.no_token_ok:
                 raise UsageError(f"prompt {prompt!r} does not name the run's token ({', '.join(tokens)}); "
                                  "add it, or pass --no-token-ok to sample without it")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: give a .png path for the grid")
-    pipe = load_pipeline(args.model, args.adapter)
+    pipe = load_pipeline(args.model, args.adapter, allow_pickle=args.allow_pickle)
     grid = grid_for_prompts(pipe, args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
                             scheduler=args.scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, out)
+    try:
+        grid.save(tmp, format="PNG")
+        durable_replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"grid written to {out}")
 
 
@@ -317,7 +328,7 @@ def cmd_bench_steps(args) -> None:
 def cmd_eval(args) -> None:
     from .eval.real_metrics import RealMetrics, read_image_folder
 
-    metrics = RealMetrics(args.clip, args.dino)  # fails first when no metric model is given
+    RealMetrics.check(args.clip, args.dino)  # the metric model folders, before any picture is read or generated
     references = read_image_folder(Path(args.references), need_prompts=False)[0] if args.references else []
     if args.preset == "dreambench":
         images, prompts, references = _dreambench_images(args, references)
@@ -329,6 +340,7 @@ def cmd_eval(args) -> None:
         images, prompts = read_image_folder(Path(args.images))
     if args.token:
         prompts = [p.replace(f"{args.token} ", "").replace(args.token, "") for p in prompts]
+    metrics = RealMetrics(args.clip, args.dino)
     result = metrics.score(images, prompts, references)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -456,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--sample-prompt", action="append")
     tr.add_argument("--export", action="append", help="extra output formats: kohya")
     tr.add_argument("--resume", help="'latest' or a checkpoint file")
+    tr.add_argument("--overwrite", action="store_true", help="replace the run --out already holds")
+    tr.add_argument("--allow-pickle", action="store_true",
+                    help="load a model whose weights are pickles (.bin); a pickle can run code, use trusted files only")
     tr.add_argument("--rank", type=_positive("--rank"))
     tr.add_argument("--alpha", type=float)
     tr.add_argument("--vectors", type=_positive("--vectors"))
@@ -475,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--guidance", type=float, default=5.0)
     sa.add_argument("--scheduler", default="ddim", help="ddim, euler or ddpm")
     sa.add_argument("--no-token-ok", action="store_true", help="allow prompts without the run's token")
+    sa.add_argument("--allow-pickle", action="store_true",
+                    help="load a model whose weights are pickles (.bin); a pickle can run code, use trusted files only")
     sa.set_defaults(func=cmd_sample)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
@@ -525,16 +542,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# how each resumable command continues after Ctrl-C
+RESUME_HINT = {"train": "add --resume latest to the same command to continue from the last checkpoint",
+               "mini": "run the same command again to resume"}
+
+# a disk or permission failure while writing: the user's files are intact (every write goes through a
+# temporary name), so it is said in one line like any other bad input
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+
+
+def _quiet_library_loading() -> None:
+    """No weight-by-weight loading bars from transformers / diffusers: stderr holds pristine's own
+    progress, and a bad input's one line is not buried under them."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when those libraries are imported
+    for name in ("transformers", "diffusers"):  # already imported (the API, tests): switch them off now
+        if name in sys.modules:
+            __import__(f"{name}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # pristine never fetches: a stray hub call fails fast
+    _quiet_library_loading()
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: {WRITE_ERRORS[e.errno]}{where}; files written before are intact (the last checkpoint too); "
+              "free space or fix the permission, then run again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+        hint = RESUME_HINT.get(getattr(args, "command", None), "nothing half-written was left")
+        print(f"interrupted; {hint}", file=sys.stderr)
         return 130
     return 0
 

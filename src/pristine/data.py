@@ -17,7 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UsageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # animations: the first frame
+MIN_IMAGE_SIDE = 8  # pixels; below it a picture holds nothing to learn from
 TEMPLATES = (
     "a photo of {token} {cls}",
     "a picture of {token} {cls}",
@@ -41,6 +42,10 @@ class ConceptSpec:
 def to_rgb(image: Image.Image) -> Image.Image:
     """EXIF rotation applied; grayscale, palette, 16-bit and CMYK converted; alpha composited on white."""
     image = ImageOps.exif_transpose(image)
+    if image.mode == "F":  # 32-bit float (a TIFF): values in [0, 1], or [0, 255] when any is above 1
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if array.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(array * scale, 0, 255).round().astype(np.uint8))
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         scale = 65535.0 if array.max() > 255 else 255.0
@@ -70,12 +75,19 @@ def preprocess(image: Image.Image, size: int, crop: str = "center", rng: np.rand
 PROMPT_FIELDS = ("y_base", "y_tar")
 
 
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8")
+
+
 def _read_metadata(folder: Path) -> dict[str, dict]:
     """metadata.jsonl: {file_name: {"text": caption, and any of PROMPT_FIELDS}}."""
     records = {}
     meta = folder / "metadata.jsonl"
     if meta.is_file():
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text_file(meta).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -86,10 +98,14 @@ def _read_metadata(folder: Path) -> dict[str, dict]:
                         if not isinstance(record[key], str):
                             raise TypeError
                         entry[key] = record[key]
+                if not isinstance(record["file_name"], str):
+                    raise TypeError
                 records[record["file_name"]] = entry
             except (ValueError, KeyError, TypeError):
                 raise UsageError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text' "
                                  f"(and optional text fields {', '.join(PROMPT_FIELDS)})")
+            if not (folder / record["file_name"]).is_file():
+                raise UsageError(f"{meta}:{n}: {record['file_name']!r} is not in the folder; remove the line or add the image")
     return records
 
 
@@ -108,10 +124,16 @@ def read_folder(folder: Path, extras: list[dict] | None = None) -> tuple[list[Pa
             with Image.open(path) as im:
                 im.load()
                 images.append(to_rgb(im))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except Image.DecompressionBombError:
+            raise UsageError(f"{path}: declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?); "
+                             "remove it or scale it down")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as e:
             raise UsageError(f"{path}: not a readable image ({type(e).__name__}); remove or replace it")
+        if min(images[-1].size) < MIN_IMAGE_SIDE:
+            raise UsageError(f"{path}: {images[-1].size[0]}x{images[-1].size[1]} pixels, below the {MIN_IMAGE_SIDE}-pixel "
+                             "minimum; remove it or use a larger picture")
         txt = path.with_suffix(".txt")
-        texts.append(txt.read_text().strip() if txt.is_file() else listed.get(path.name))
+        texts.append(read_text_file(txt).strip() if txt.is_file() else listed.get(path.name))
     return files, images, texts
 
 
@@ -135,7 +157,7 @@ class ConceptImages:
         extras: list[dict] = []
         files, images, texts = read_folder(folder, extras)
         if not files:
-            raise UsageError(f"images folder {folder} holds no images (.png, .jpg, .jpeg, .webp); add 3-20 pictures of the concept")
+            raise UsageError(f"images folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add 3-20 pictures of the concept")
         captions = []
         for i, (path, text) in enumerate(zip(files, texts)):
             if text is None:
@@ -165,15 +187,26 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def draw(self, batch_size: int, generator: torch.Generator, prior_batch: int = 0) -> dict:
-        """A batch of instance examples (and prior examples), drawn from the step's generator."""
+    def draw(self, batch_size: int, generator: torch.Generator, prior_batch: int = 0,
+             shard: tuple[int, int] = (0, 1)) -> dict:
+        """A batch of instance examples (and prior examples), drawn from the step's generator.
+
+        With `shard` (this process, processes), the batch of all processes together is drawn (the
+        same on each) and this process keeps its share: batch_size instance examples and prior_batch
+        prior ones; `positions` says where they sit in the whole batch, `global_size` how big it is."""
+        rank, world = shard
         inst = torch.nonzero(~self.is_prior).flatten()
-        idx = inst[torch.randint(0, len(inst), (batch_size,), generator=generator)]
+        idx = inst[torch.randint(0, len(inst), (batch_size * world,), generator=generator)]
+        mine = torch.arange(rank * batch_size, (rank + 1) * batch_size)
         if prior_batch:
             prior = torch.nonzero(self.is_prior).flatten()
-            idx = torch.cat([idx, prior[torch.randint(0, len(prior), (prior_batch,), generator=generator)]])
+            idx = torch.cat([idx, prior[torch.randint(0, len(prior), (prior_batch * world,), generator=generator)]])
+            mine = torch.cat([mine, batch_size * world + torch.arange(rank * prior_batch, (rank + 1) * prior_batch)])
         flips = (torch.rand(len(idx), generator=generator) < 0.5) & self.flip
-        batch = {"index": idx, "prompts": [self.prompts[i] for i in idx.tolist()], "is_prior": self.is_prior[idx],
+        global_size = len(idx)
+        idx, flips = idx[mine], flips[mine]
+        batch = {"index": idx, "positions": mine, "global_size": global_size,
+                 "prompts": [self.prompts[i] for i in idx.tolist()], "is_prior": self.is_prior[idx],
                  "concept": self.concept_index[idx],
                  "extras": [self.extras[i] if self.extras else {} for i in idx.tolist()]}
         if self.latents is not None:

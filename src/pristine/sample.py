@@ -47,29 +47,42 @@ def grid_for_prompts(pipe, prompts: list[str], n: int = 4, seed: int = 0, labels
     return make_grid([images[i * n : (i + 1) * n] for i in range(len(prompts))], labels or prompts)
 
 
+RUN_OUTPUTS = ("pytorch_lora_weights.safetensors", "custom_diffusion.safetensors", "learned_embeds.safetensors")
+
+
 def run_tokens(run: Path) -> list[str]:
     path = run / "learned_embeds.safetensors"
     if not path.is_file():
         return []
     from safetensors import safe_open
 
+    from .files import check_safetensors
+
+    check_safetensors(path, "--adapter")
+
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
 
 
-def load_pipeline(model: str, adapter: str | None = None):
+def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = False):
     """The base model with a run's outputs applied, as a diffusers StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline
 
     from .backbones import resolve_model
+    from .files import check_model_weights, check_safetensors
 
     folder = resolve_model(model)
     run = Path(adapter) if adapter else None
     if run is not None and not run.is_dir():
         raise UsageError(f"--adapter {adapter}: no such run folder")
     full_model = run is not None and (run / "model" / "model_index.json").is_file()
-    pipe = StableDiffusionPipeline.from_pretrained(str(run / "model" if full_model else folder), torch_dtype=torch.float32,
-                                                   local_files_only=True, safety_checker=None)
+    model_folder = run / "model" if full_model else folder
+    check_model_weights(model_folder, allow_pickle)
+    for name in RUN_OUTPUTS if run is not None else ():
+        if (run / name).is_file():
+            check_safetensors(run / name, "--adapter")
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_folder), torch_dtype=torch.float32, local_files_only=True,
+                                                   safety_checker=None, use_safetensors=None if allow_pickle else True)
     if run is None or full_model:
         return pipe
     found = False

@@ -8,6 +8,8 @@ the same weights as one that never stopped.
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,6 +20,8 @@ import yaml
 from .checkpoint import atomic_save
 from .data import ConceptImages, ConceptSpec, build_training_set, cache_latents, class_images, to_rgb
 from .errors import UsageError
+from .files import (PICKLE_SUFFIXES, atomic_write_text, check_safetensors, check_writable_folder, is_empty_folder,
+                    remove_temporaries, safetensors_problem)
 from .methods import get_method
 from .methods.base import _coerce
 
@@ -32,7 +36,7 @@ class TrainConfig:
     steps: int = 400
     batch_size: int = 4
     gradient_accumulation: int = 1
-    lr: float = 0.0  # 0: the method's default
+    lr: float | None = None  # unset: the method's default, written into config.yaml
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 1e-2
@@ -54,6 +58,13 @@ class TrainConfig:
     sample_prompts: list = field(default_factory=list)
     export: list = field(default_factory=list)  # extra formats: "kohya"
     resume: str = ""  # "latest" or a checkpoint path
+    overwrite: bool = False  # replace whatever run --out holds
+    allow_pickle: bool = False  # load pickled model weights (.bin): a pickle can run code
+
+    # settings a resumed run may change: where it is, how it is resumed, what it keeps and shows;
+    # every other one shapes the weights, so a change is refused
+    RESUMABLE_CHANGES = ("out", "resume", "overwrite", "allow_pickle", "checkpoint_every", "keep_checkpoints",
+                         "sample_every", "sample_prompts", "export")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
@@ -87,9 +98,18 @@ class TrainConfig:
                               ("lr_scheduler", ("constant", "constant_with_warmup", "linear", "cosine"))):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every"):
+        for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints",
+                     "num_class_images"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_every", "resolution", "seed", "weight_decay", "max_grad_norm", "prior_weight"):
+            if not getattr(self, name) >= 0:  # also false for nan
+                raise UsageError(f"{where}.{name}: must be zero or more, got {getattr(self, name)}")
+        if self.lr is None:
+            self.lr = get_method(self.method).default_lr  # explicit in config.yaml
+        elif not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"{where}.lr: must be a positive number, got {self.lr}; leave it out for the method's "
+                             f"default ({get_method(self.method).default_lr})")
         for fmt in self.export:
             if fmt not in ("kohya",):
                 raise UsageError(f"{where}.export: unknown format {fmt!r}; extra formats: kohya")
@@ -99,6 +119,24 @@ class TrainConfig:
         d = asdict(self)
         d["concepts"] = [asdict(c) if not isinstance(c, dict) else c for c in self.concepts]
         return d
+
+    def changes_from(self, saved: dict) -> list[tuple[str, object, object]]:
+        """(key, saved value, this value) for every weight-shaping setting that differs from a saved run's."""
+        mine, changed = self.to_dict(), []
+        method = get_method(self.method)
+        for key, value in mine.items():
+            if key in self.RESUMABLE_CHANGES:
+                continue
+            old = saved.get(key)
+            if key == "method_args" and saved.get("method") == self.method:  # compare settings, defaults filled in
+                try:
+                    old = asdict(method.Config.from_dict(old or {}))
+                except UsageError:
+                    pass
+                value = asdict(method.Config.from_dict(value))
+            if old != value:
+                changed.append((key, old, value))
+        return changed
 
 
 def _concept(value, where: str) -> ConceptSpec:
@@ -119,7 +157,9 @@ def load_config_file(path: str) -> dict:
     if not p.is_file():
         raise UsageError(f"config {path}: no such file")
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UsageError(f"config {path}: not UTF-8 text; save it as UTF-8")
     except yaml.YAMLError as e:
         raise UsageError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(values, dict):
@@ -127,11 +167,94 @@ def load_config_file(path: str) -> dict:
     return values
 
 
-# ---- the loop ------------------------------------------------------------------------------------
+# ---- the run folder ------------------------------------------------------------------------------
+
+# what --overwrite clears of an earlier run, because a new run would resume from or append to it
+EARLIER_RUN = ("checkpoints", "log.jsonl", "logs", "samples", "DONE")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_run_folder(out: Path, config: TrainConfig) -> None:
+    """Before any work: --out is a folder this user can write, and it is empty, or a run of the same
+    settings being resumed, or given up explicitly with --overwrite. Nothing else in it is touched."""
+    check_writable_folder(out, "--out")
+    if not out.is_dir() or is_empty_folder(out) or config.overwrite:
+        return
+    saved_path = out / "config.yaml"
+    if not config.resume:
+        what = "already holds a run" if saved_path.is_file() else "is not empty"
+        raise UsageError(f"--out {out} {what}; add --resume latest to continue it, --overwrite to replace it, "
+                         "or give a new --out")
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
+    except (UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {out} holds no readable config.yaml, so it is no run to resume; "
+                         "give a new --out (or --overwrite)")
+    changes = config.changes_from(saved)
+    if changes:
+        key, old, new = changes[0]
+        more = f" (and {len(changes) - 1} more settings)" if len(changes) > 1 else ""
+        raise UsageError(f"--resume: {saved_path} has {key}: {_short(old)} but this command gives {_short(new)}{more}; "
+                         "resume with the run's settings, or start a new run (a new --out, or --overwrite)")
+    if (out / "DONE").is_file() and not _checkpoints(out) and config.resume == "latest":
+        raise UsageError(f"--resume: {out} is a finished run whose checkpoints are gone; nothing to resume "
+                         "(--overwrite trains it again)")
+
+
+def _clear_earlier_run(out: Path, config: TrainConfig) -> None:
+    """Main process only, once every check has passed: stray temporaries of a killed run go; with
+    --overwrite, so does what a new run would otherwise resume from or append to."""
+    import shutil
+
+    remove_temporaries(out)
+    if config.overwrite:
+        for name in EARLIER_RUN:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _keep_log_until(out: Path, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: drop them from log.jsonl first."""
+    log = out / "log.jsonl"
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    atomic_write_text(log, "".join(line + "\n" for line in kept))
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
 
 
 def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def _resume_candidates(out: Path, config: TrainConfig) -> list[Path]:
+    """The checkpoints to try, best first: the named one, or every one of the run, newest first."""
+    if not config.resume:
+        return []
+    if config.resume == "latest":
+        return _checkpoints(out)[::-1]
+    path = Path(config.resume)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(f"--resume {path}: a pickle file; pristine checkpoints are safetensors "
+                         "(checkpoints/step_*.safetensors in a run folder)")
+    if not path.is_file():
+        raise UsageError(f"--resume {config.resume}: no such checkpoint; give 'latest' or a checkpoints/step_*.safetensors file")
+    check_safetensors(path, "--resume")
+    return [path]
 
 
 def _save_checkpoint(out: Path, step: int, method, optimizer, scheduler, keep: int) -> Path:
@@ -155,13 +278,36 @@ def _load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
     from .checkpoint import load_optimizer_tensors
 
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+        meta = f.metadata() or {}
     tensors = load_file(str(path))
-    method.load_trainable_state({k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")})
+    saved = {k[len("trainable."):]: v for k, v in tensors.items() if k.startswith("trainable.")}
+    expected = method.trainable_state()
+    wrong = sorted(set(saved) ^ set(expected)) or [k for k in expected if saved[k].shape != expected[k].shape]
+    if wrong or "step" not in meta:
+        raise UsageError(f"--resume {path}: written by another method or other settings ({_short(wrong[:1] or 'no step')} "
+                         f"differs); resume the run it belongs to, or start a new one")
+    method.load_trainable_state(saved)
     load_optimizer_tensors(optimizer, tensors, meta)
     scheduler.load_state_dict(json.loads(meta["lr_scheduler"]))
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"])
+
+
+def _resume(candidates: list[Path], method, optimizer, scheduler, main: bool, say) -> int:
+    """Load the first intact checkpoint. A damaged one (a bad copy, a full disk) is passed over with a
+    line saying so and renamed *.damaged (kept, never picked again); a named one was checked already."""
+    for path in candidates:
+        problem = safetensors_problem(path)
+        if problem:
+            say(f"warning: checkpoint {path} is damaged ({problem}); kept as {path.name}.damaged, "
+                "resuming from the checkpoint before it")
+            if main:
+                path.rename(path.with_name(path.name + ".damaged"))
+            continue
+        return _load_checkpoint(path, method, optimizer, scheduler)
+    if candidates:
+        say("warning: no intact checkpoint left; training starts from step 0")
+    return 0
 
 
 def _optimizer(groups, config: TrainConfig, lr: float):
@@ -175,32 +321,60 @@ def _optimizer(groups, config: TrainConfig, lr: float):
     return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
 
 
+# ---- the loop --------------------------------------------------------------------------------------
+
+
+def _to_device(backbone, device) -> None:
+    """Every model of the backbone (denoiser, text encoders, VAE) on the process's device."""
+    for value in vars(backbone).values():
+        if isinstance(value, torch.nn.Module):
+            value.to(device)
+
+
 def train(config: TrainConfig) -> Path:
     """Run (or resume) a training run; returns the run folder with the method's outputs."""
+    return run_training(config)[0]
+
+
+def run_training(config: TrainConfig):
+    """`train`, returning the trained method as well: (run folder, method)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
     from .backbones import load_backbone
+    from .methods.base import TrainableParameters
 
     out = Path(config.out)
     method_cls = get_method(config.method)
     method_config = method_cls.Config.from_dict(config.method_args)
+    check_run_folder(out, config)
     concepts = [ConceptImages.load(c) for c in config.concepts]  # checks every file before anything else
-    if out.exists() and (out / "config.yaml").exists() and not config.resume and _checkpoints(out):
-        raise UsageError(f"run folder {out} already holds a run; pass --resume latest to continue it or pick a new --out")
+    candidates = _resume_candidates(out, config)
     torch.manual_seed(config.seed)
-    backbone = load_backbone(config.model)
+    backbone = load_backbone(config.model, allow_pickle=config.allow_pickle)
     size = config.resolution or backbone.image_size
     method = method_cls(method_config, backbone, config.concepts)
     groups = method.setup()  # checks the tokens: the run folder is made only once everything is valid
-    out.mkdir(parents=True, exist_ok=True)
-    from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
         AcceleratorState._reset_state()  # a second run in one process (API, demo, benchmarks) with another precision
+    # some trained tensors take no part in some steps (PureCC's stages, a token absent from prior prompts)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
-                              log_with="tensorboard", project_dir=str(out / "logs"))
+                              log_with="tensorboard", project_dir=str(out / "logs"), kwargs_handlers=[ddp])
+    accelerator.wait_for_everyone()  # every process has checked --out before the first one writes in it
+    main = accelerator.is_main_process
+
+    def say(line: str) -> None:
+        if main:
+            print(line, file=sys.stderr)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_earlier_run(out, config)
     lr = config.lr or method_cls.default_lr
     if config.gradient_checkpointing and hasattr(backbone.denoiser, "enable_gradient_checkpointing"):
         backbone.denoiser.enable_gradient_checkpointing()
@@ -210,70 +384,75 @@ def train(config: TrainConfig) -> Path:
         from PIL import Image
 
         images, prompts = [], []
-        for c in config.concepts:
-            prompt = config.class_prompt.format(cls=c.class_word)
-            for p in class_images(backbone, prompt, config.num_class_images, out.parent / ".class_images", seed=config.seed):
-                with Image.open(p) as im:
-                    images.append(to_rgb(im))
-                prompts.append(prompt)
+        with accelerator.main_process_first():  # generated once, then read by the other processes
+            for c in config.concepts:
+                prompt = config.class_prompt.format(cls=c.class_word)
+                for p in class_images(backbone, prompt, config.num_class_images, out.parent / ".class_images", seed=config.seed):
+                    with Image.open(p) as im:
+                        images.append(to_rgb(im))
+                    prompts.append(prompt)
         prior = (images, prompts)
     data = build_training_set(concepts, size, flip=config.flip, crop=config.crop, prior=prior)
     if config.crop == "center":
         cache_latents(data, backbone)
 
-    if accelerator.num_processes > 1:  # `accelerate launch`: gradients of the trained modules all-reduce
-        backbone.unet = accelerator.prepare(backbone.denoiser)
-        if any(p.requires_grad for p in backbone.text_encoder.parameters()):
-            backbone.text_encoder = accelerator.prepare(backbone.text_encoder)
+    # every trained tensor, whichever model holds it, in the one module accelerate prepares: under
+    # several processes (DDP) each one's gradient is averaged and each starts equal everywhere
+    device = accelerator.device
+    _to_device(backbone, device)
+    trainable = [p for g in groups for p in g["params"]]
+    model = TrainableParameters(method, trainable)
     optimizer = _optimizer(groups, config, lr)
+    # stepped here once per optimizer step: accelerate's wrapper would step it once per process
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.steps)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
-    start = 0
-    if config.resume:
-        ckpts = _checkpoints(out)
-        path = ckpts[-1] if config.resume == "latest" and ckpts else Path(config.resume)
-        if config.resume == "latest" and not ckpts:
-            start = 0  # nothing saved yet: start over
-        elif not path.is_file():
-            raise UsageError(f"--resume {config.resume}: no such checkpoint")
-        else:
-            start = _load_checkpoint(path, method, optimizer, scheduler)
-    _write_config(out, config)
+    start = _resume(candidates, method, optimizer, scheduler, main, say)
+    if main:
+        _write_config(out, config)
+        _keep_log_until(out, start)
 
-    trainable = [p for g in groups for p in g["params"]]
     prior_batch = config.batch_size if config.prior_preservation else 0
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.method}")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.method}",
+               disable=not main)
     t0 = time.time()
     accelerator.init_trackers("train")
     for step in bar:
         for micro in range(config.gradient_accumulation):
-            generator = torch.Generator().manual_seed(
-                config.seed * 1_000_003 + step * 101 + micro + accelerator.process_index * 7_919)
-            batch = data.draw(config.batch_size, generator, prior_batch)
+            # the same generator on every process: each takes its share of one batch of batch_size x processes
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 101 + micro)
+            batch = data.draw(config.batch_size, generator, prior_batch, shard=(rank, world))
             batch["step"] = step  # methods with stages (PureCC) switch on it
             if "latents" not in batch:
-                batch["latents"] = backbone.encode_images(batch["pixels"], generator)
-            with accelerator.accumulate(*[m for m in (backbone.denoiser,)]):
+                batch["latents"] = backbone.encode_images(batch["pixels"].to(device), generator)
+            batch["latents"] = batch["latents"].to(device)
+            n_all, mine = batch["global_size"], batch["positions"]
+            noise = torch.randn((n_all, *batch["latents"].shape[1:]), generator=generator)
+            batch["noise"], batch["timesteps"] = noise[mine], backbone.sample_timesteps(n_all, generator)[mine]
+            with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss, logs = method.loss(batch, generator, config.prior_weight)
-                if not torch.isfinite(loss):
+                    loss, logs = model(batch, generator, config.prior_weight)
+                losses = accelerator.gather(loss.detach().float().reshape(1))
+                if not bool(torch.isfinite(losses).all()):
                     last = _checkpoints(out)
                     where = f"; the last good checkpoint is {last[-1]}" if last else ""
-                    raise UsageError(f"loss became {loss.item()} at step {step + 1}: lower the learning rate (now {lr}){where}")
+                    bad = losses[~torch.isfinite(losses)][0].item()
+                    raise UsageError(f"loss became {bad} at step {step + 1}: lower the learning rate (now {lr}){where}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        record = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], **logs}
+        record = {"loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0], **logs}
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}", it_s=f"{(step + 1 - start) / (time.time() - t0):.2f}")
-        if not accelerator.is_main_process:
+        if not main:
             continue
         accelerator.log(record, step=step + 1)
-        with open(out / "log.jsonl", "a") as f:
+        with open(out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step + 1, **record}) + "\n")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             _save_checkpoint(out, step + 1, method, optimizer, scheduler, config.keep_checkpoints)
@@ -281,22 +460,24 @@ def train(config: TrainConfig) -> Path:
             _sample_during_training(method, config, out / "samples" / f"step_{step + 1:07d}.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if accelerator.is_main_process:
+    if main:
         method.save(out, config.export)
-        (out / "DONE").write_text(json.dumps({"steps": config.steps, "method": config.method}))
-    return out
+        atomic_write_text(out / "DONE", json.dumps({"steps": config.steps, "method": config.method}))
+    return out, method
 
 
 def _write_config(out: Path, config: TrainConfig) -> None:
-    tmp = out / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(out / "config.yaml")
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
 
 
 def _sample_during_training(method, config: TrainConfig, path: Path) -> None:
+    import os
+
     from .sample import grid_for_prompts
 
     pipe = method.backbone.pipeline()
     prompts = [method.tokens.prompt(p) if method.tokens else p for p in config.sample_prompts]
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_for_prompts(pipe, prompts, n=4, seed=config.seed, labels=config.sample_prompts).save(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    grid_for_prompts(pipe, prompts, n=4, seed=config.seed, labels=config.sample_prompts).save(tmp)
+    os.replace(tmp, path)

@@ -24,10 +24,13 @@ def resolve_model(model: str) -> Path:
     return folder
 
 
-def load_backbone(model: str, dtype=None) -> Backbone:
+def load_backbone(model: str, dtype=None, allow_pickle: bool = False) -> Backbone:
     import torch
 
+    from ..files import check_model_weights
+
     folder = resolve_model(model)
+    check_model_weights(folder, allow_pickle)  # one line naming a damaged or pickled file, before loading
     try:
         cls_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
     except (ValueError, KeyError):
@@ -36,7 +39,7 @@ def load_backbone(model: str, dtype=None) -> Backbone:
     if family == "sd":
         from .sd import StableDiffusionBackbone
 
-        return StableDiffusionBackbone(folder, dtype or torch.float32)
+        return StableDiffusionBackbone(folder, dtype or torch.float32, allow_pickle)
     raise UsageError(f"model {model}: pipeline {cls_name} is not supported yet; supported: {', '.join(FAMILIES)}")
 
 

@@ -12,16 +12,18 @@ from .base import Backbone
 class StableDiffusionBackbone(Backbone):
     family = "sd"
 
-    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         folder = Path(folder)
         self.folder = folder
+        # safetensors only: a pickle can run code (None lets the libraries fall back to .bin)
+        load = {"torch_dtype": dtype, "local_files_only": True, "use_safetensors": None if allow_pickle else True}
         self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype, local_files_only=True)
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True)
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
+        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **load)
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae", **load)
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", **load)
         # training always uses the DDPM forward process the model was trained with
         self.noise_scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
         self.prediction_type = self.noise_scheduler.config.prediction_type

@@ -3,6 +3,7 @@ each loaded from a local folder the user names; nothing is fetched."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -11,16 +12,33 @@ import torch.nn.functional as F
 from ..errors import UsageError
 
 
-def _load(folder: str, kind: str):
-    from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
+def _check(folder: str, kind: str) -> Path:
+    """A metric model folder of the right kind with intact safetensors weights, before loading it."""
+    from ..data import read_text_file
+    from ..files import check_model_weights
 
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise UsageError(f"--{kind} {folder}: not a transformers model folder (no config.json)")
+    try:
+        model_type = str(json.loads(read_text_file(path / "config.json")).get("model_type", ""))
+    except (ValueError, AttributeError):
+        raise UsageError(f"--{kind} {path / 'config.json'}: not a JSON model config")
+    if (kind == "clip") != model_type.startswith("clip"):
+        wanted = "a CLIP model (model_type clip)" if kind == "clip" else "a ViT / DINOv2 image model, not CLIP"
+        raise UsageError(f"--{kind} {folder}: its config.json says model_type {model_type!r}; give {wanted}")
+    check_model_weights(path)
+    return path
+
+
+def _load(folder: str, kind: str):
+    from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
+
+    path = _check(folder, kind)
     if kind == "clip":
-        return CLIPModel.from_pretrained(str(path), local_files_only=True).eval(), \
+        return CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True).eval(), \
             CLIPProcessor.from_pretrained(str(path), local_files_only=True)
-    return AutoModel.from_pretrained(str(path), local_files_only=True).eval(), \
+    return AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True).eval(), \
         AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
 
 
@@ -30,10 +48,17 @@ def _projected(features) -> torch.Tensor:
 
 class RealMetrics:
     def __init__(self, clip: str | None = None, dino: str | None = None):
-        if not clip and not dino:
-            raise UsageError("no metric model given: pass --clip DIR (CLIP-T, CLIP-I) and/or --dino DIR (DINO)")
+        self.check(clip, dino)
         self.clip = _load(clip, "clip") if clip else None
         self.dino = _load(dino, "dino") if dino else None
+
+    @staticmethod
+    def check(clip: str | None, dino: str | None) -> None:
+        if not clip and not dino:
+            raise UsageError("no metric model given: pass --clip DIR (CLIP-T, CLIP-I) and/or --dino DIR (DINO)")
+        for folder, kind in ((clip, "clip"), (dino, "dino")):
+            if folder:
+                _check(folder, kind)
 
     @torch.no_grad()
     def clip_images(self, images) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -17,6 +18,8 @@ from ..errors import UsageError
 class MethodConfig:
     """Fields common to all methods; each method's Config adds its own."""
 
+    positive: ClassVar[tuple[str, ...]] = ()  # numeric settings that must be above zero (ranks, rates)
+
     @classmethod
     def from_dict(cls, values: dict, where: str = "method_args") -> "MethodConfig":
         known = {f.name: f for f in fields(cls)}
@@ -27,12 +30,18 @@ class MethodConfig:
         for key, value in values.items():
             default = getattr(cls, key, None) if not callable(getattr(cls, key, None)) else None
             out[key] = _coerce(value, known[key].type, default, f"{where}.{key}")
-        return cls(**out)
+        config = cls(**out)
+        for name in cls.positive:
+            if not getattr(config, name) > 0:
+                raise UsageError(f"{where}.{name}: must be positive, got {getattr(config, name)}")
+        return config
 
 
 def _coerce(value, type_name, default, where: str):
     """YAML/CLI values against a dataclass field's annotation (annotations are strings here)."""
     t = str(type_name)
+    if value is None and default is None and t.endswith("None"):
+        return None  # an optional setting left unset
     try:
         if t.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -41,7 +50,10 @@ def _coerce(value, type_name, default, where: str):
         if t.startswith("float"):
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            value = float(value)
+            if not math.isfinite(value):
+                raise UsageError(f"{where}: must be a finite number, got {value}")
+            return value
         if t.startswith("bool"):
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
                 return value.lower() in ("true", "yes", "1")
@@ -130,11 +142,21 @@ class TokenEmbeddings:
         return self.backbone.expand_prompt(text, self.tokens)
 
 
-def denoising_loss(backbone, latents: torch.Tensor, cond: dict, generator: torch.Generator,
-                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain diffusion loss, per sample: (mean loss, per-sample losses)."""
+def draw_noise(backbone, latents: torch.Tensor, generator: torch.Generator,
+               batch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's noise and timesteps. The training loop draws them for the whole batch of all processes
+    and hands each process its rows (so N processes see what one process with N times the batch would);
+    called outside the loop, they come from the generator."""
+    if batch is not None and "noise" in batch:
+        return batch["noise"].to(latents), batch["timesteps"].to(latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    t = backbone.sample_timesteps(len(latents), generator).to(latents.device)
+    return noise, backbone.sample_timesteps(len(latents), generator).to(latents.device)
+
+
+def denoising_loss(backbone, latents: torch.Tensor, cond: dict, generator: torch.Generator,
+                   weights: torch.Tensor | None = None, batch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain diffusion loss, per sample: (mean loss, per-sample losses)."""
+    noise, t = draw_noise(backbone, latents, generator, batch)
     x_t = backbone.add_noise(latents, noise, t)
     pred = backbone.predict(x_t, t, cond)
     per_sample = (pred.float() - backbone.target(latents, noise, t).float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
@@ -204,7 +226,8 @@ class Method:
     def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         cond = self.encode(batch["prompts"])
         weights = torch.where(batch["is_prior"], torch.tensor(prior_weight), torch.tensor(1.0))
-        loss, per_sample = denoising_loss(self.backbone, batch["latents"], cond, generator, weights)
+        loss, per_sample = denoising_loss(self.backbone, batch["latents"], cond, generator, weights.to(batch["latents"].device),
+                                          batch)
         logs = {}
         if batch["is_prior"].any():
             logs["prior"] = per_sample[batch["is_prior"]].mean().item()
@@ -212,6 +235,26 @@ class Method:
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         raise NotImplementedError
+
+
+class TrainableParameters(torch.nn.Module):
+    """Every parameter a method trains (LoRA weights, a whole denoiser, new tokens' rows), registered in
+    one module whose forward is the method's loss.
+
+    It is the one thing the training loop gives accelerate to prepare: under several processes DDP then
+    all-reduces the gradient of each of these tensors, whichever model it sits in, and starts them
+    equal on every process. The parameters are the method's own (not copies), so nothing else changes.
+    """
+
+    def __init__(self, method: "Method", params: list[torch.nn.Parameter]):
+        super().__init__()
+        for p in params:  # DDP follows only what requires a gradient when it is built; a method with
+            p.requires_grad_(True)  # stages (PureCC) switches some off until their stage, which it will redo
+        self.trained = torch.nn.ParameterList(params)
+        self._method = [method]  # in a list: the method's models are not submodules of this one
+
+    def forward(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0):
+        return self._method[0].loss(batch, generator, prior_weight)
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -21,6 +22,8 @@ def cross_attention_kv(denoiser) -> dict[str, torch.nn.Parameter]:
 @dataclass
 class CustomDiffusionConfig(MethodConfig):
     token_lr: float = 1e-3
+
+    positive: ClassVar[tuple[str, ...]] = ("token_lr",)
 
 
 @register

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .base import Method, MethodConfig, TokenEmbeddings, register
 
@@ -12,6 +13,8 @@ from .base import Method, MethodConfig, TokenEmbeddings, register
 class DreamBoothConfig(MethodConfig):
     train_token: bool = True
     token_lr: float = 5e-3
+
+    positive: ClassVar[tuple[str, ...]] = ("token_lr",)
 
 
 @register
@@ -37,7 +40,11 @@ class DreamBooth(Method):
         tmp, final = out_dir / ".model.tmp", out_dir / "model"
         shutil.rmtree(tmp, ignore_errors=True)
         self.tokens.write_back()  # the saved text encoder carries the learned token
-        self.backbone.pipeline().save_pretrained(tmp, safe_serialization=True)
+        try:
+            self.backbone.pipeline().save_pretrained(tmp, safe_serialization=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
+            raise
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return [final, self.tokens.save(out_dir)]

@@ -3,11 +3,14 @@ optionally with the concept token's embedding (pivotal tuning), optionally with 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from ..files import durable_replace
 from .base import Method, MethodConfig, TokenEmbeddings, register
 
 ADAPTER = "learner"
@@ -21,6 +24,8 @@ class LoraConfig(MethodConfig):
     dropout: float = 0.0
     train_token: bool = True  # learn the token's embedding too (its row starts as the class word's)
     token_lr: float = 5e-3
+
+    positive: ClassVar[tuple[str, ...]] = ("rank", "alpha", "token_lr")
 
 
 def add_lora(denoiser, config: LoraConfig, name: str) -> list[torch.nn.Parameter]:
@@ -71,11 +76,13 @@ def save_lora(pipeline_cls, denoiser, name: str, config: LoraConfig, out_dir: Pa
     metadata = {"r": config.rank, "lora_alpha": config.alpha, "target_modules": list(config.targets)}
     tmp = out_dir / ".lora.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    pipeline_cls.save_lora_weights(tmp, unet_lora_layers={k: v.float() for k, v in layers.items()},
-                                   unet_lora_adapter_metadata=metadata, safe_serialization=True)
     final = out_dir / "pytorch_lora_weights.safetensors"
-    (tmp / "pytorch_lora_weights.safetensors").replace(final)
-    tmp.rmdir()
+    try:
+        pipeline_cls.save_lora_weights(tmp, unet_lora_layers={k: v.float() for k, v in layers.items()},
+                                       unet_lora_adapter_metadata=metadata, safe_serialization=True)
+        durable_replace(tmp / "pytorch_lora_weights.safetensors", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
     return final
 
 

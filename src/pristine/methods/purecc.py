@@ -17,11 +17,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from ..errors import UsageError
-from .base import Method, MethodConfig, TokenEmbeddings, denoising_loss, register
+from .base import Method, MethodConfig, TokenEmbeddings, denoising_loss, draw_noise, register
 from .lora import AdapterSwitch, LoraConfig, add_lora, lora_params, save_lora
 
 EXTRACTOR, LEARNER = "extractor", "learner"
@@ -46,6 +47,8 @@ class PureCCConfig(MethodConfig):
     # block by block in the backward pass keeps stage 2's memory near a LoRA step's, for more time
     # (same gradients; ignored with stop_grad_base, which keeps one prediction's activations anyway)
     learner_checkpointing: bool = True
+
+    positive: ClassVar[tuple[str, ...]] = ("stage1_steps", "rank", "alpha", "stage1_lr", "token_lr", "lambda_max")
 
 
 def derive_prompts(prompt: str, token: str, class_word: str) -> tuple[str, str, str]:
@@ -133,7 +136,7 @@ class PureCC(Method):
     def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         if self.in_stage1(batch["step"]):
             self.switch.use(EXTRACTOR)
-            loss, _ = denoising_loss(self.backbone, batch["latents"], self.encode(batch["prompts"]), generator)
+            loss, _ = denoising_loss(self.backbone, batch["latents"], self.encode(batch["prompts"]), generator, batch=batch)
             return loss, {"stage": 1}
         if self.tokens.rows.requires_grad:  # stage 2 of a two-stage run: the token is final from here on,
             self.tokens.rows.requires_grad_(False)  # so prompts are encoded once and cached
@@ -145,8 +148,7 @@ class PureCC(Method):
         triples = [prompts_for_example(p, s, e) for p, s, e in zip(batch["prompts"], specs, batch.get("extras") or [{}] * len(specs))]
         n = len(triples)
         x0 = batch["latents"]
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        t = bb.sample_timesteps(n, generator).to(x0.device)
+        noise, t = draw_noise(bb, x0, generator, batch)
         x_t = bb.add_noise(x0, noise, t)
         with torch.no_grad():  # text encoders and the token are frozen in stage 2
             cond = self.encode([y[0] for y in triples] + [y[1] for y in triples] + [y[2] for y in triples] + [""] * n)

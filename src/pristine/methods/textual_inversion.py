@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .base import Method, MethodConfig, TokenEmbeddings, register
 
@@ -11,6 +12,8 @@ from .base import Method, MethodConfig, TokenEmbeddings, register
 @dataclass
 class TextualInversionConfig(MethodConfig):
     vectors: int = 1  # vectors per token: "<v1>" becomes "<v1> <v1>_1 ..." inside prompts
+
+    positive: ClassVar[tuple[str, ...]] = ("vectors",)
 
 
 @register

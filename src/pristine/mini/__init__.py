@@ -20,7 +20,8 @@ def load_pipeline(folder: str | Path | None = None, dtype=None):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(
-        str(folder or path()), torch_dtype=dtype or torch.float32, local_files_only=True, safety_checker=None
+        str(folder or path()), torch_dtype=dtype or torch.float32, local_files_only=True, safety_checker=None,
+        use_safetensors=True,
     )
 
 
@@ -36,5 +37,6 @@ def load_clip(folder: str | Path | None = None):
     from transformers import CLIPModel, CLIPProcessor
 
     clip_dir = Path(folder or path()) / "clip"
-    model = CLIPModel.from_pretrained(str(clip_dir), torch_dtype=torch.float32, local_files_only=True).eval()
+    model = CLIPModel.from_pretrained(str(clip_dir), torch_dtype=torch.float32, local_files_only=True,
+                                      use_safetensors=True).eval()
     return model, CLIPProcessor.from_pretrained(str(clip_dir), local_files_only=True)

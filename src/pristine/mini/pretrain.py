@@ -269,7 +269,7 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     prompts = R.zero_shot_prompts()
     prompt_ids = ids(prompts).to(device)
     truths = [R.zero_shot_truth(s) for s in scenes]
-    clip = CLIPModel.from_pretrained(init, torch_dtype=torch.float32).to(device)
+    clip = CLIPModel.from_pretrained(init, torch_dtype=torch.float32, use_safetensors=True).to(device)
 
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g).tolist()
@@ -399,7 +399,7 @@ def _encoded_corpus(workdir: Path, out: Path, corpus: Path, device: str = "cpu")
         latents = load_file(str(latents_path))["latents"]
     else:
         images, _ = load_corpus(corpus)
-        vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval().to(device)
+        vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32, use_safetensors=True).eval().to(device)
         with torch.no_grad():
             latents = torch.cat([vae.encode(images[i : i + 500].to(device)).latent_dist.mean.cpu() for i in
                                  tqdm(range(0, len(images), 500), desc="encode latents")]) * vae.config.scaling_factor
@@ -449,8 +449,8 @@ def pretrain_denoiser(workdir: Path, out: Path, corpus: Path, settings: StageSet
     ids = tokenize(tokenizer, captions.reshape(-1)).reshape(len(latents), CAPTIONS_PER_SCENE, 77)
     empty_ids = tokenize(tokenizer, [""])[0]
     torch.manual_seed(settings.seed)
-    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32) if warm_start else arch.new_unet()
-    text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True) if warm_start else arch.new_unet()
+    text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32, use_safetensors=True)
     text_encoder.requires_grad_(train_text).train(train_text)
     trained = torch.nn.ModuleDict({"unet": unet, **({"text_encoder": text_encoder} if train_text else {})})
     unet.to(device), text_encoder.to(device)
@@ -498,11 +498,11 @@ def export_denoiser(workdir: Path, out: Path, stage: str) -> None:
     def part(prefix):
         return {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
 
-    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32) if warm_start else arch.new_unet()
+    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True) if warm_start else arch.new_unet()
     unet.load_state_dict(part("unet"))
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
     if train_text:
-        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32, use_safetensors=True)
         text_encoder.load_state_dict(part("text_encoder"))
         save_text_encoder(text_encoder, out / "text_encoder")
     write_pipeline_files(out)
