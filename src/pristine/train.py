@@ -222,9 +222,7 @@ def train(config: TrainConfig) -> Path:
         cache_latents(data, backbone)
 
     if accelerator.num_processes > 1:  # `accelerate launch`: gradients of the trained modules all-reduce
-        backbone.unet = accelerator.prepare(backbone.denoiser)
-        if any(p.requires_grad for p in backbone.text_encoder.parameters()):
-            backbone.text_encoder = accelerator.prepare(backbone.text_encoder)
+        backbone.denoiser = accelerator.prepare(backbone.denoiser)
     optimizer = _optimizer(groups, config, lr)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.steps)
