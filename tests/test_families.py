@@ -129,3 +129,64 @@ def test_method_trains_keeps_frozen_weights_and_loads_into_the_family_pipeline(m
     if method == "custom_diffusion":
         apply_custom_diffusion(pipeline_denoiser(tuned), run / "custom_diffusion.safetensors")
     assert not np.allclose(image(tuned), image(base), atol=1e-4)
+
+
+def train_cli(capsys, *argv):
+    code = main(["train", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_resume_ends_with_the_same_weights_with_prior_preservation(models, star_images, tmp_path, capsys, family):
+    from safetensors.torch import load_file
+
+    common = ["--model", str(models(family)), "--images", str(star_images), "--token", "<v1>", "--class-word", "star",
+              "--steps", "4", "--checkpoint-every", "2", "--lr", "1e-2", "--batch-size", "2",
+              "--prior-preservation", "--num-class-images", "2"]
+    if family == "sdxl":
+        common += ["--export", "kohya"]
+    assert train_cli(capsys, *common, "--out", str(tmp_path / "a"))[0] == 0
+    assert train_cli(capsys, *common, "--out", str(tmp_path / "b"))[0] == 0
+    b = tmp_path / "b"
+    outputs = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert "pytorch_lora_weights.safetensors" in outputs and "learned_embeds_text_encoder_2.safetensors" in outputs
+    for name in ["DONE", *outputs]:
+        (b / name).unlink()
+    (b / "checkpoints" / "step_0000004.safetensors").unlink()  # killed after step 2
+    code, err = train_cli(capsys, *common, "--out", str(b), "--resume", "latest")
+    assert code == 0, err
+    for name in outputs:
+        x, y = load_file(str(tmp_path / "a" / name)), load_file(str(b / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    assert len(list((tmp_path / ".class_images").glob("*/*.png"))) == 2  # the family's own pipeline drew them
+
+
+def test_sdxl_kohya_layout_round_trips_through_diffusers_conversion(models, star_images, tmp_path, capsys):
+    """lora_kohya.safetensors (kohya / ComfyUI names) read by diffusers' own kohya conversion draws what
+    the diffusers-layout file draws."""
+    from safetensors.torch import load_file
+
+    folder, run = models("sdxl"), tmp_path / "run"
+    code, err = train_cli(capsys, "--model", str(folder), "--images", str(star_images), "--token", "<v1>",
+                          "--class-word", "star", "--steps", "3", "--lr", "1e-2", "--method-arg", "train_token=false",
+                          "--export", "kohya", "--out", str(run))
+    assert code == 0, err
+    kohya = load_file(str(run / "lora_kohya.safetensors"))
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
+    pictures = []
+    for weights in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", None):
+        pipe = family_pipeline(folder)
+        if weights:
+            pipe.load_lora_weights(str(run), weight_name=weights)
+        pictures.append(image(pipe))
+    assert np.allclose(pictures[0], pictures[1], atol=2e-3)  # the kohya file is stored in fp16
+    assert not np.allclose(pictures[0], pictures[2], atol=1e-4)
+
+
+def test_unknown_pipeline_class_is_one_clear_line(tmp_path, star_images, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    code, err = train_cli(capsys, "--model", str(tmp_path / "m"), "--images", str(star_images), "--token", "<v1>",
+                          "--class-word", "star", "--out", str(tmp_path / "r"))
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "KandinskyPipeline" in lines[0] and "model_index.json" in lines[0], err

@@ -185,7 +185,8 @@ class Backbone(ABC):
         pipe = self.generation_pipeline()
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                        height=self.image_size, width=self.image_size).images
 
     def generation_pipeline(self):
         return self.pipeline()

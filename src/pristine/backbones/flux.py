@@ -27,7 +27,7 @@ class FluxBackbone(FlowMatchingBackbone):
 
     @property
     def image_size(self) -> int:
-        return 128 * self.vae_scale  # the pipeline's default_sample_size: 1024 px for FLUX.1
+        return self.vae.config.sample_size  # the transformer has no size of its own; FLUX.1's VAE says 1024
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self.text_pipeline().encode_prompt(prompts, prompts, device=self.denoiser.device,
