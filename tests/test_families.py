@@ -126,6 +126,9 @@ def test_method_trains_keeps_frozen_weights_and_loads_into_the_family_pipeline(m
     assert load_embeddings(tuned, run, type(backbone).TEXT_PAIRS) and load_embeddings(base, start, type(backbone).TEXT_PAIRS)
     if method in ("lora", "purecc"):
         tuned.load_lora_weights(str(run))
+        # every trained LoRA matrix arrived (a layout the loader half-reads still changes the pictures)
+        loaded = {n for n, _ in pipeline_denoiser(tuned).named_parameters() if "lora_" in n}
+        assert len(loaded) == len(m.trainable_denoiser_params()) // (2 if method == "purecc" else 1) > 0
     if method == "custom_diffusion":
         apply_custom_diffusion(pipeline_denoiser(tuned), run / "custom_diffusion.safetensors")
     assert not np.allclose(image(tuned), image(base), atol=1e-4)
@@ -190,3 +193,65 @@ def test_unknown_pipeline_class_is_one_clear_line(tmp_path, star_images, capsys)
                           "--class-word", "star", "--out", str(tmp_path / "r"))
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "KandinskyPipeline" in lines[0] and "model_index.json" in lines[0], err
+
+
+def test_a_format_the_family_cannot_write_is_refused_before_training(models, star_images, tmp_path, capsys):
+    code, err = train_cli(capsys, "--model", str(models("sd3")), "--images", str(star_images), "--token", "<v1>",
+                          "--class-word", "star", "--export", "kohya", "--out", str(tmp_path / "r"))
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "kohya" in lines[0] and "sd3" in lines[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_flux_kohya_layout_round_trips_through_diffusers_conversion(models, star_images, tmp_path, capsys):
+    """Fused kohya qkv (block-diagonal up matrices) read by diffusers' FLUX kohya conversion draws what the
+    diffusers-layout file draws. Single-stream blocks stay out: that conversion hard-codes FLUX.1's widths."""
+    from safetensors.torch import load_file
+
+    folder, run = models("flux"), tmp_path / "run"
+    targets = ",".join(f"transformer_blocks.0.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                                             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                                                             "attn.to_add_out", "ff.net.2"))
+    code, err = train_cli(capsys, "--model", str(folder), "--images", str(star_images), "--token", "<v1>",
+                          "--class-word", "star", "--steps", "3", "--lr", "1e-2", "--method-arg", "train_token=false",
+                          "--method-arg", f"targets={targets}", "--method-arg", "alpha=2", "--resolution", "16",
+                          "--export", "kohya", "--out", str(run))
+    assert code == 0, err
+    kohya = load_file(str(run / "lora_kohya.safetensors"))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+    assert "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight" in kohya
+    pictures = []
+    for weights in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", None):
+        pipe = family_pipeline(folder)
+        if weights:
+            pipe.load_lora_weights(str(run), weight_name=weights)
+        pictures.append(image(pipe))
+    assert np.allclose(pictures[0], pictures[1], atol=2e-3)  # the kohya file is stored in fp16
+    assert not np.allclose(pictures[0], pictures[2], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_attention_capture_keeps_outputs_and_yields_maps_over_the_text(models, family):
+    from pristine.attention import capture_cross_attention
+    from pristine.backbones import load_backbone
+
+    backbone = load_backbone(str(models(family)))
+    layers = backbone.cross_attention_layers()
+    assert layers and all(name.startswith("transformer_blocks.") for name in layers)  # double-stream / joint blocks
+    cond = backbone.encode_prompts([PROMPT, "a photo of a star"])
+    x0 = torch.randn(2, backbone.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = backbone.sample_timesteps(2, torch.Generator().manual_seed(1))
+    x_t = backbone.add_noise(x0, torch.randn_like(x0), t)
+    with torch.no_grad():
+        plain = backbone.predict(x_t, t, cond)
+        with capture_cross_attention(backbone.denoiser) as maps:
+            captured = backbone.predict(x_t, t, cond)
+    assert torch.allclose(plain, captured, atol=1e-5)
+    assert set(maps) == set(layers)
+    n_txt = cond["encoder_hidden_states"].shape[1]
+    for m in maps.values():
+        assert m.shape[:2] == (2, backbone.denoiser.config.num_attention_heads) and m.shape[-1] == n_txt
+        assert m.shape[2] in (16, 64)  # the image tokens: 8x8 latents in 2x2 patches (SD3) or packed (FLUX)
+        assert torch.allclose(m.sum(-1), torch.ones_like(m.sum(-1)), atol=1e-5)
+    assert maps[layers[0]][0].ne(maps[layers[0]][1]).any()  # the two prompts attend differently
+    assert not any("Capture" in type(p).__name__ for p in backbone.denoiser.attn_processors.values())

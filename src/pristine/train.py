@@ -191,6 +191,7 @@ def train(config: TrainConfig) -> Path:
         raise UsageError(f"run folder {out} already holds a run; pass --resume latest to continue it or pick a new --out")
     torch.manual_seed(config.seed)
     backbone = load_backbone(config.model)
+    backbone.check_export(config.export)
     size = config.resolution or backbone.image_size
     method = method_cls(method_config, backbone, config.concepts)
     groups = method.setup()  # checks the tokens: the run folder is made only once everything is valid

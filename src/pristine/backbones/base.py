@@ -144,7 +144,9 @@ class Backbone(ABC):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser, adapter_name=adapter))
+        layers = get_peft_model_state_dict(self._unwrapped(self.denoiser), adapter_name=adapter)
+        if self.LORA_PREFIX == "unet":  # the UNet loaders read diffusers' names; the transformer ones peft's own
+            layers = convert_state_dict_to_diffusers(layers)
         metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
         tmp = out_dir / ".lora.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -156,13 +158,24 @@ class Backbone(ABC):
         shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    EXPORTS: ClassVar[tuple[str, ...]] = ()  # extra LoRA formats the family writes (--export)
+
+    def check_export(self, formats: list[str]) -> None:
+        """Before training: a format this family cannot write is a one-line error, not a late failure."""
+        for fmt in formats:
+            if fmt not in self.EXPORTS:
+                raise UsageError(f"--export {fmt}: the {self.family} family has no {fmt} layout here; drop --export {fmt}")
+
     def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
-        """The kohya / ComfyUI layout of a saved LoRA, where the family has one."""
-        raise UsageError(f"--export kohya: no kohya layout for the {self.family} family yet; drop --export kohya")
+        """The kohya / ComfyUI layout of a saved LoRA (families listing "kohya" in EXPORTS)."""
+        raise UsageError(f"--export kohya: the {self.family} family has no kohya layout here; drop --export kohya")
 
     def cross_attention_layers(self) -> list[str]:
-        """Names (in `denoiser.attn_processors`) of the layers where image queries attend to text."""
-        return [name for name in self.denoiser.attn_processors if ".attn2." in name]
+        """Names (in `denoiser.attn_processors`) of the layers where image queries attend to text; their maps
+        are captured with `attention.capture_cross_attention(backbone.denoiser)`."""
+        from ..attention import cross_attention_layers
+
+        return cross_attention_layers(self._unwrapped(self.denoiser))
 
     # ---- inference ----
     @classmethod

@@ -16,6 +16,7 @@ class FluxBackbone(FlowMatchingBackbone):
     TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     TIMESTEP_SAMPLING = "uniform"  # then shifted as the scheduler shifts (dev: by resolution; schnell: none)
     MAX_SEQUENCE_LENGTH = 512
+    EXPORTS = ("kohya",)
     # the guidance value a dev-style model is trained under (diffusers' FLUX DreamBooth script's default)
     TRAIN_GUIDANCE: ClassVar[float] = 3.5
 
@@ -28,6 +29,12 @@ class FluxBackbone(FlowMatchingBackbone):
     @property
     def image_size(self) -> int:
         return self.vae.config.sample_size  # the transformer has no size of its own; FLUX.1's VAE says 1024
+
+    def write_kohya(self, diffusers_lora, out, alpha):
+        from ..export import write_kohya_flux
+
+        modules = dict(self._unwrapped(self.denoiser).named_modules())
+        return write_kohya_flux(diffusers_lora, out, alpha, lambda name: modules[name].out_features)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self.text_pipeline().encode_prompt(prompts, prompts, device=self.denoiser.device,

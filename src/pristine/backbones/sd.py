@@ -14,6 +14,7 @@ class StableDiffusionBackbone(Backbone):
 
     family = "sd"
     PIPELINE_KWARGS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    EXPORTS = ("kohya",)
 
     @classmethod
     def pipeline_class(cls):
