@@ -82,6 +82,7 @@ def test_method_trains_keeps_frozen_weights_and_loads_into_the_family_pipeline(m
             return sum(m.loss(probe, torch.Generator().manual_seed(7 + k))[0].item() for k in range(4))
 
     initial = probe_loss()
+    start_rows = [e.rows.detach().clone() for e in m.tokens.encoders]
     opt = torch.optim.AdamW(groups, lr=3e-3 if method == "dreambooth" else 1e-2, weight_decay=0.0)
     for step in range(10):
         g = torch.Generator().manual_seed(step)
@@ -106,6 +107,8 @@ def test_method_trains_keeps_frozen_weights_and_loads_into_the_family_pipeline(m
                 old = before[f"{k}.{n}"]
                 assert torch.equal(p[:len(old)], old), n
     assert changed or method in ("lora", "purecc", "textual_inversion")  # those train new parameters only
+    # the new token learned in every text encoder (T5 included)
+    assert all(not torch.equal(e.rows, r) for e, r in zip(m.tokens.encoders, start_rows))
 
     run = tmp_path / "run"
     run.mkdir()

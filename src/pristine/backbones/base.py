@@ -41,6 +41,8 @@ class Backbone(ABC):
     LORA_TARGETS: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     # substrings naming the projections that map *text* to keys and values (Custom Diffusion trains them)
     TEXT_KV: ClassVar[tuple[str, ...]] = (".attn2.to_k.", ".attn2.to_v.")
+    PIPELINE_KWARGS: ClassVar[dict] = {}  # extra from_pretrained / constructor settings of the family's pipeline
+    ENCODES_WITH_PIPELINE: ClassVar[bool] = False  # encode_prompts goes through the pipeline's encode_prompt
 
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32):
         """Every component of the local diffusers folder, frozen; the denoiser is `unet` or `transformer`."""
@@ -55,8 +57,6 @@ class Backbone(ABC):
         self.denoiser = pipeline_denoiser(pipe)
         self.text_encoders = [enc for _, _, enc in self.text_pairs()]
         self.tokenizers = [tok for _, tok, _ in self.text_pairs()]
-
-    PIPELINE_KWARGS: ClassVar[dict] = {}  # extra from_pretrained / constructor settings of the family's pipeline
 
     # ---- prompts ----
     @abstractmethod
@@ -104,8 +104,6 @@ class Backbone(ABC):
             if n > 1:
                 prompt = prompt.replace(token, " ".join([token] + [f"{token}_{k}" for k in range(1, n)]))
         return prompt
-
-    ENCODES_WITH_PIPELINE: ClassVar[bool] = False  # encode_prompts goes through the pipeline's encode_prompt
 
     # ---- images and noise ----
     @abstractmethod

@@ -75,16 +75,18 @@ class _EncoderRows:
 
     def __init__(self, name: str, encoder, ids: list[int]):
         self.name, self.ids = name, ids
-        self.embedding = encoder.get_input_embeddings()
-        self.weight = self.embedding.weight
+        self.weight = encoder.get_input_embeddings().weight
+        # every embedding module sharing that matrix: T5's encoder looks tokens up in its own
+        # `embed_tokens`, tied to (but not the same module as) the `shared` one get_input_embeddings gives
+        self.embeddings = [m for m in encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is self.weight]
         self.rows = torch.nn.Parameter(self.weight[ids].detach().clone(), requires_grad=False)
         self._id_tensor = torch.tensor(ids)
-        self._hook = None
+        self._hooks = []
 
     def make_trainable(self) -> torch.nn.Parameter:
         self.rows.requires_grad_(True)
-        if self._hook is None:
-            self._hook = self.embedding.register_forward_hook(self._substitute)
+        if not self._hooks:
+            self._hooks = [e.register_forward_hook(self._substitute) for e in self.embeddings]
         return self.rows
 
     def _substitute(self, module, args, output):
