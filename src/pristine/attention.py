@@ -46,8 +46,51 @@ class CaptureCrossAttention:
         return out / attn.rescale_output_factor
 
 
+class CaptureJointAttention:
+    """Runs a joint-attention (MMDiT) block with its own processor and stores, for the image queries,
+    their attention over the text keys, renormalised over the text tokens: (batch, heads, pixels, tokens),
+    the same shape and meaning as a UNet's cross-attention map. Recomputes the queries and keys for the
+    map (rotary embedding included where the family has one), attached to the graph."""
+
+    def __init__(self, original, store: dict, name: str):
+        self.original, self.store, self.name = original, store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        extra = {"image_rotary_emb": image_rotary_emb} if image_rotary_emb is not None else {}
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        if encoder_hidden_states is not None:
+            self.store[self.name] = _joint_text_map(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        return out
+
+
+def _joint_text_map(attn, image, text, rotary) -> torch.Tensor:
+    def heads(x, norm):  # (batch, tokens, heads, head_dim), normalised as the block does
+        x = x.unflatten(-1, (attn.heads, -1))
+        return norm(x) if norm is not None else x
+
+    q_img, k_img = heads(attn.to_q(image), attn.norm_q), heads(attn.to_k(image), attn.norm_k)
+    q_txt, k_txt = heads(attn.add_q_proj(text), attn.norm_added_q), heads(attn.add_k_proj(text), attn.norm_added_k)
+    n_txt = text.shape[1]
+    if rotary is not None:  # FLUX: positions over [text; image], text first
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        q = apply_rotary_emb(torch.cat([q_txt, q_img], 1), rotary, sequence_dim=1)
+        k = apply_rotary_emb(torch.cat([k_txt, k_img], 1), rotary, sequence_dim=1)
+        q_img, k_txt = q[:, n_txt:], k[:, :n_txt]
+    scores = torch.einsum("bphd,bthd->bhpt", q_img, k_txt) * q_img.shape[-1] ** -0.5
+    return scores.softmax(-1)
+
+
+def _joint_layers(denoiser) -> list[str]:
+    """Processors of joint-attention blocks with separate text projections (MMDiT double-stream blocks)."""
+    modules = dict(denoiser.named_modules())
+    return [name for name in denoiser.attn_processors
+            if getattr(modules.get(name.removesuffix(".processor")), "add_k_proj", None) is not None]
+
+
 def cross_attention_layers(denoiser) -> list[str]:
-    return [name for name in denoiser.attn_processors if ".attn2." in name]
+    """Where image queries attend to text: a UNet's attn2, or MMDiT joint attention's text side."""
+    return [name for name in denoiser.attn_processors if ".attn2." in name] or _joint_layers(denoiser)
 
 
 @contextmanager
@@ -55,8 +98,10 @@ def capture_cross_attention(denoiser):
     """Inside the block every cross-attention map of the last forward is in the yielded dict."""
     store: dict[str, torch.Tensor] = {}
     original = denoiser.attn_processors
-    processors = {name: CaptureCrossAttention(store, name) if ".attn2." in name else proc
-                  for name, proc in original.items()}
+    layers = set(cross_attention_layers(denoiser))
+    joint = not any(".attn2." in name for name in layers)
+    processors = {name: (CaptureJointAttention(proc, store, name) if joint else CaptureCrossAttention(store, name))
+                  if name in layers else proc for name, proc in original.items()}
     denoiser.set_attn_processor(processors)
     try:
         yield store

@@ -265,17 +265,10 @@ def class_images(backbone, class_prompt: str, n: int, cache_root: Path, seed: in
     (folder / "prompt.txt").write_text(class_prompt)
     missing = [i for i in range(n) if not (folder / f"{i:05d}.png").exists()]
     if missing:
-        from diffusers import DDIMScheduler
-
-        pipe = backbone.pipeline()
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
         for start in tqdm(range(0, len(missing), 16), desc=f"class images: {class_prompt!r}"):
             ids = missing[start : start + 16]
             gens = [torch.Generator().manual_seed(seed * 100_000 + i) for i in ids]
-            with torch.no_grad():
-                images = pipe([class_prompt] * len(ids), num_inference_steps=steps, guidance_scale=guidance,
-                              generator=gens).images
+            images = backbone.generate([class_prompt] * len(ids), gens, steps, guidance)
             for i, image in zip(ids, images):
                 tmp = folder / f"{i:05d}.tmp.png"
                 image.save(tmp)

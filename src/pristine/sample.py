@@ -13,8 +13,12 @@ SCHEDULERS = ("ddim", "euler", "ddpm")
 
 
 def set_scheduler(pipe, name: str) -> None:
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
+    if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        if name not in ("euler", "ddim"):  # ddim: the default, means "the usual sampler" here
+            raise UsageError(f"--scheduler {name!r}: flow-matching models sample with euler (flow matching) only")
+        return
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}.get(name)
     if cls is None:
         raise UsageError(f"--scheduler {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
@@ -65,13 +69,13 @@ def run_tokens(run: Path) -> list[str]:
 
 
 def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = False):
-    """The base model with a run's outputs applied, as a diffusers StableDiffusionPipeline."""
-    from diffusers import StableDiffusionPipeline
-
-    from .backbones import resolve_model
+    """The base model with a run's outputs applied, as the family's diffusers pipeline."""
+    from .backbones import backbone_class, resolve_model
+    from .backbones.base import load_embeddings, pipeline_denoiser
     from .files import check_model_weights, check_safetensors
 
     folder = resolve_model(model)
+    family = backbone_class(folder)
     run = Path(adapter) if adapter else None
     if run is not None and not run.is_dir():
         raise UsageError(f"--adapter {adapter}: no such run folder")
@@ -81,8 +85,8 @@ def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = F
     for name in RUN_OUTPUTS if run is not None else ():
         if (run / name).is_file():
             check_safetensors(run / name, "--adapter")
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_folder), torch_dtype=torch.float32, local_files_only=True,
-                                                   safety_checker=None, use_safetensors=None if allow_pickle else True)
+    pipe = family.pipeline_class().from_pretrained(str(model_folder), torch_dtype=torch.float32, local_files_only=True,
+                                                   use_safetensors=None if allow_pickle else True, **family.PIPELINE_KWARGS)
     if run is None or full_model:
         return pipe
     found = False
@@ -92,14 +96,9 @@ def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = F
     if (run / "custom_diffusion.safetensors").is_file():
         from .methods.custom_diffusion import apply_custom_diffusion
 
-        apply_custom_diffusion(pipe.unet, run / "custom_diffusion.safetensors")
+        apply_custom_diffusion(pipeline_denoiser(pipe), run / "custom_diffusion.safetensors")
         found = True
-    if (run / "learned_embeds.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        for token, vectors in load_file(str(run / "learned_embeds.safetensors")).items():
-            pipe.load_textual_inversion({token: vectors}, token=token)
-        found = True
+    found = load_embeddings(pipe, run, family.TEXT_PAIRS) or found
     if not found:
         raise UsageError(f"--adapter {adapter}: holds no pristine outputs (LoRA, embeddings or a model folder)")
     return pipe

@@ -355,6 +355,7 @@ def run_training(config: TrainConfig):
     candidates = _resume_candidates(out, config)
     torch.manual_seed(config.seed)
     backbone = load_backbone(config.model, allow_pickle=config.allow_pickle)
+    backbone.check_export(config.export)
     size = config.resolution or backbone.image_size
     method = method_cls(method_config, backbone, config.concepts)
     groups = method.setup()  # checks the tokens: the run folder is made only once everything is valid

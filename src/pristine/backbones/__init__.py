@@ -8,7 +8,13 @@ from pathlib import Path
 from ..errors import UsageError
 from .base import Backbone
 
-FAMILIES = {"StableDiffusionPipeline": "sd"}
+# model_index.json's _class_name -> the backbone class of that family (module relative to this package)
+FAMILIES = {
+    "StableDiffusionPipeline": ".sd.StableDiffusionBackbone",
+    "StableDiffusionXLPipeline": ".sdxl.StableDiffusionXLBackbone",
+    "StableDiffusion3Pipeline": ".sd3.StableDiffusion3Backbone",
+    "FluxPipeline": ".flux.FluxBackbone",
+}
 
 
 def resolve_model(model: str) -> Path:
@@ -24,6 +30,21 @@ def resolve_model(model: str) -> Path:
     return folder
 
 
+def backbone_class(folder: Path) -> type[Backbone]:
+    """The family of a diffusers folder, from its model_index.json's pipeline class."""
+    import importlib
+
+    index = folder / "model_index.json"
+    try:
+        cls_name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{index}: unreadable; expected a diffusers model_index.json with _class_name")
+    if cls_name not in FAMILIES:
+        raise UsageError(f"{index}: _class_name {cls_name} is not a supported family; supported: {', '.join(FAMILIES)}")
+    module, name = FAMILIES[cls_name].rsplit(".", 1)
+    return getattr(importlib.import_module(module, __name__), name)
+
+
 def load_backbone(model: str, dtype=None, allow_pickle: bool = False) -> Backbone:
     import torch
 
@@ -31,16 +52,7 @@ def load_backbone(model: str, dtype=None, allow_pickle: bool = False) -> Backbon
 
     folder = resolve_model(model)
     check_model_weights(folder, allow_pickle)  # one line naming a damaged or pickled file, before loading
-    try:
-        cls_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
-    except (ValueError, KeyError):
-        raise UsageError(f"{folder / 'model_index.json'}: unreadable; expected a diffusers model_index.json")
-    family = FAMILIES.get(cls_name)
-    if family == "sd":
-        from .sd import StableDiffusionBackbone
-
-        return StableDiffusionBackbone(folder, dtype or torch.float32, allow_pickle)
-    raise UsageError(f"model {model}: pipeline {cls_name} is not supported yet; supported: {', '.join(FAMILIES)}")
+    return backbone_class(folder)(folder, dtype or torch.float32, allow_pickle)
 
 
-__all__ = ["Backbone", "load_backbone", "resolve_model"]
+__all__ = ["Backbone", "backbone_class", "load_backbone", "resolve_model"]

@@ -2,13 +2,29 @@
 
 A method only ever asks a backbone to encode prompts, add noise, give the training target and
 predict; epsilon, v-prediction and flow-matching families all fit behind these calls.
+
+What a method may read of a prediction
+--------------------------------------
+- `predict(x_t, t, cond)` returns a tensor shaped like `x0` (the latents from `encode_images`), in the
+  same space as `target(x0, noise, t)`: methods may subtract, compare and combine predictions and
+  targets elementwise and reduce over any dimension (PureCC's R = f(y_tar) - f(∅) is such a difference).
+- `t` is opaque: a method draws it with `sample_timesteps` and hands it back to `add_noise`, `target`
+  and `predict`, never reads its values (DDPM integer steps in one family, flow sigmas in another).
+- `cond` (from `encode_prompts`) is a dict of tensors batched along dim 0: methods may index, slice,
+  concatenate and cache it along dim 0, never look inside.
+- Latents are opaque too (4-D for every family here; FLUX packs them inside `predict` only).
 """
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
 
 import torch
+
+from ..errors import UsageError
 
 
 class Backbone(ABC):
@@ -16,15 +32,81 @@ class Backbone(ABC):
     denoiser: torch.nn.Module  # where adapters attach (UNet or transformer)
     text_encoders: list[torch.nn.Module]
     tokenizers: list
+    folder: Path
+    # the pipeline attribute names of (tokenizer, text encoder) pairs, in order: new tokens go into all
+    TEXT_PAIRS: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
+    # how the family's diffusers `save_lora_weights` names the denoiser: unet_lora_layers / transformer_lora_layers
+    LORA_PREFIX: ClassVar[str] = "unet"
+    # LoRA's default target modules (peft names) for this family's attention layers
+    LORA_TARGETS: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    # substrings naming the projections that map *text* to keys and values (Custom Diffusion trains them)
+    TEXT_KV: ClassVar[tuple[str, ...]] = (".attn2.to_k.", ".attn2.to_v.")
+    PIPELINE_KWARGS: ClassVar[dict] = {}  # extra from_pretrained / constructor settings of the family's pipeline
+    ENCODES_WITH_PIPELINE: ClassVar[bool] = False  # encode_prompts goes through the pipeline's encode_prompt
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+        """Every component of the local diffusers folder, frozen; the denoiser is `unet` or `transformer`.
+
+        safetensors only unless the user passed --allow-pickle (a pickle can run code; None lets the
+        libraries fall back to .bin files)."""
+        self.folder = Path(folder)
+        pipe = self.pipeline_class().from_pretrained(str(self.folder), torch_dtype=dtype, local_files_only=True,
+                                                     use_safetensors=None if allow_pickle else True, **self.PIPELINE_KWARGS)
+        self.component_names = list(pipe.components)
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()
+            setattr(self, name, component)
+        self.denoiser = pipeline_denoiser(pipe)
+        self.text_encoders = [enc for _, _, enc in self.text_pairs()]
+        self.tokenizers = [tok for _, tok, _ in self.text_pairs()]
 
     # ---- prompts ----
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Conditioning for the denoiser, as keyword tensors batched along dim 0."""
 
-    @abstractmethod
-    def add_tokens(self, tokens: list[str], init_words: list[str], vectors_per_token: int = 1) -> list[int]:
-        """Add new tokens to every tokenizer/text encoder, their rows initialised from init words."""
+    def text_pairs(self) -> list[tuple[str, object, torch.nn.Module]]:
+        """(encoder name, tokenizer, text encoder) for every text encoder of the family."""
+        return [(enc, getattr(self, tok), getattr(self, enc)) for tok, enc in self.TEXT_PAIRS
+                if getattr(self, enc, None) is not None]  # SD3 may come without its T5
+
+    def add_tokens(self, tokens: list[str], init_words: list[str], vectors_per_token: int = 1) -> list[list[int]]:
+        """Tokens "<v1>" (and "<v1>_1", ... when several vectors) in every tokenizer/text encoder, their
+        rows copied from the init words' mean; returns the new ids per encoder, in `text_pairs` order."""
+        names = [[t] + [f"{t}_{k}" for k in range(1, vectors_per_token)] for t in tokens]
+        for _, tokenizer, _ in self.text_pairs():
+            vocab = tokenizer.get_vocab()
+            for name in (n for group in names for n in group):
+                if name in vocab or f"{name}</w>" in vocab:
+                    raise UsageError(f"token {name!r} is already in the tokenizer's vocabulary; choose a new token such as <v1>")
+        ids_per_encoder = []
+        for _, tokenizer, encoder in self.text_pairs():
+            init_ids = [tokenizer(word, add_special_tokens=False).input_ids or [tokenizer.eos_token_id] for word in init_words]
+            tokenizer.add_tokens([n for group in names for n in group])
+            encoder.resize_token_embeddings(len(tokenizer))
+            weight = encoder.get_input_embeddings().weight
+            new_ids = []
+            with torch.no_grad():
+                for group, init in zip(names, init_ids):
+                    for name in group:
+                        idx = tokenizer.convert_tokens_to_ids(name)
+                        weight[idx] = weight[init].mean(0)
+                        new_ids.append(idx)
+            ids_per_encoder.append(new_ids)
+        return ids_per_encoder
+
+    def expand_prompt(self, prompt: str, tokens: dict[str, int]) -> str:
+        """'<v1>' -> '<v1> <v1>_1 ...' for multi-vector tokens (as diffusers does when it loads them).
+        Families whose pipeline expands prompts itself (TextualInversionLoaderMixin) return them as is."""
+        from diffusers.loaders import TextualInversionLoaderMixin
+
+        if issubclass(self.pipeline_class(), TextualInversionLoaderMixin) and self.ENCODES_WITH_PIPELINE:
+            return prompt
+        for token, n in tokens.items():
+            if n > 1:
+                prompt = prompt.replace(token, " ".join([token] + [f"{token}_{k}" for k in range(1, n)]))
+        return prompt
 
     # ---- images and noise ----
     @abstractmethod
@@ -44,7 +126,137 @@ class Backbone(ABC):
     @abstractmethod
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
-    # ---- inference ----
+    @property
     @abstractmethod
+    def image_size(self) -> int: ...
+
+    # ---- adapters ----
+    def text_kv_params(self) -> dict[str, torch.nn.Parameter]:
+        """The weights projecting text into keys and values (cross-attention, or the text side of joint
+        attention), by parameter name; a family without them raises a one-line error."""
+        params = {n: p for n, p in self.denoiser.named_parameters() if any(s in n for s in self.TEXT_KV)}
+        if not params:
+            raise UsageError(f"the {self.family} model has no text key/value projections; custom_diffusion cannot apply")
+        return params
+
+    def save_lora(self, adapter: str, rank: int, alpha: float, targets: list[str], out_dir: Path) -> Path:
+        """pytorch_lora_weights.safetensors in the layout this family's `load_lora_weights` reads,
+        rank and alpha in its metadata."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = get_peft_model_state_dict(self._unwrapped(self.denoiser), adapter_name=adapter)
+        if self.LORA_PREFIX == "unet":  # the UNet loaders read diffusers' names; the transformer ones peft's own
+            layers = convert_state_dict_to_diffusers(layers)
+        metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
+        from ..files import durable_replace
+
+        tmp = out_dir / ".lora.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        final = out_dir / "pytorch_lora_weights.safetensors"
+        try:
+            self.pipeline_class().save_lora_weights(
+                tmp, safe_serialization=True, **{f"{self.LORA_PREFIX}_lora_layers": {k: v.float() for k, v in layers.items()},
+                                                 f"{self.LORA_PREFIX}_lora_adapter_metadata": metadata})
+            durable_replace(tmp / "pytorch_lora_weights.safetensors", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
+        return final
+
+    EXPORTS: ClassVar[tuple[str, ...]] = ()  # extra LoRA formats the family writes (--export)
+
+    def check_export(self, formats: list[str]) -> None:
+        """Before training: a format this family cannot write is a one-line error, not a late failure."""
+        for fmt in formats:
+            if fmt not in self.EXPORTS:
+                raise UsageError(f"--export {fmt}: the {self.family} family has no {fmt} layout here; drop --export {fmt}")
+
+    def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
+        """The kohya / ComfyUI layout of a saved LoRA (families listing "kohya" in EXPORTS)."""
+        raise UsageError(f"--export kohya: the {self.family} family has no kohya layout here; drop --export kohya")
+
+    def cross_attention_layers(self) -> list[str]:
+        """Names (in `denoiser.attn_processors`) of the layers where image queries attend to text; their maps
+        are captured with `attention.capture_cross_attention(backbone.denoiser)`."""
+        from ..attention import cross_attention_layers
+
+        return cross_attention_layers(self._unwrapped(self.denoiser))
+
+    # ---- inference ----
+    @classmethod
+    @abstractmethod
+    def pipeline_class(cls):
+        """The family's diffusers pipeline class."""
+
     def pipeline(self):
-        """A diffusers pipeline over these very modules (no copies)."""
+        """A diffusers pipeline over these very modules (no copies), with a fresh scheduler."""
+        parts = {name: self._unwrapped(getattr(self, name)) for name in self.component_names}
+        parts["unet" if "unet" in parts else "transformer"] = self._unwrapped(self.denoiser)
+        parts["scheduler"] = self.sampling_scheduler()
+        return self.pipeline_class()(**{**self.PIPELINE_KWARGS, **parts})
+
+    def sampling_scheduler(self):
+        return type(self.scheduler).from_config(self.scheduler.config)
+
+    def generate(self, prompts: list[str], generators: list[torch.Generator], steps: int, guidance: float) -> list:
+        """PIL images from the base model (prior-preservation class images)."""
+        pipe = self.generation_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                        height=self.image_size, width=self.image_size).images
+
+    def generation_pipeline(self):
+        return self.pipeline()
+
+    def text_pipeline(self):
+        """One pipeline kept for its encode_prompt (families that encode prompts as their pipeline does)."""
+        if "_text_pipeline" not in self.__dict__:
+            self._text_pipeline = self.pipeline()
+        return self._text_pipeline
+
+    def _unwrapped(self, module):
+        return getattr(module, "module", module)  # the module itself under DDP
+
+
+def embeddings_file(k: int, encoder_name: str) -> str:
+    """learned_embeds.safetensors for the first text encoder, learned_embeds_<encoder>.safetensors after."""
+    return "learned_embeds.safetensors" if k == 0 else f"learned_embeds_{encoder_name}.safetensors"
+
+
+def load_embeddings(pipe, run: Path, pairs: tuple[tuple[str, str], ...]) -> bool:
+    """A run's learned tokens into every text encoder of a pipeline of the family, with diffusers'
+    load_textual_inversion where the pipeline has it (SD3's has not: the rows are added directly)."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+    from safetensors.torch import load_file
+
+    found = False
+    for k, (tok, enc) in enumerate(pairs):
+        path = Path(run) / embeddings_file(k, enc)
+        if not path.is_file():
+            continue
+        for token, vectors in load_file(str(path)).items():
+            if isinstance(pipe, TextualInversionLoaderMixin):
+                pipe.load_textual_inversion({token: vectors}, token=token, text_encoder=getattr(pipe, enc),
+                                            tokenizer=getattr(pipe, tok))
+            else:
+                _add_token_rows(getattr(pipe, tok), getattr(pipe, enc), token, vectors)
+        found = True
+    return found
+
+
+def _add_token_rows(tokenizer, encoder, token: str, vectors: torch.Tensor) -> None:
+    """What load_textual_inversion does, for one token: "<v1>" (and "<v1>_1", ... for several vectors)."""
+    vectors = vectors.reshape(-1, vectors.shape[-1])
+    names = [token] + [f"{token}_{k}" for k in range(1, len(vectors))]
+    tokenizer.add_tokens(names)
+    encoder.resize_token_embeddings(len(tokenizer))
+    weight = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, row in zip(names, vectors):
+            weight[tokenizer.convert_tokens_to_ids(name)] = row.to(weight.dtype)
+
+
+def pipeline_denoiser(pipe) -> torch.nn.Module:
+    """The denoiser of a diffusers pipeline of any family here."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer

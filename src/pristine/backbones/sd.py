@@ -10,28 +10,25 @@ from .base import Backbone
 
 
 class StableDiffusionBackbone(Backbone):
+    """Also the base of SDXL: the DDPM forward process on VAE latents and a UNet denoiser."""
+
     family = "sd"
+    PIPELINE_KWARGS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    EXPORTS = ("kohya",)
+
+    @classmethod
+    def pipeline_class(cls):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
 
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import DDPMScheduler
 
-        folder = Path(folder)
-        self.folder = folder
-        # safetensors only: a pickle can run code (None lets the libraries fall back to .bin)
-        load = {"torch_dtype": dtype, "local_files_only": True, "use_safetensors": None if allow_pickle else True}
-        self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **load)
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae", **load)
-        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", **load)
+        super().__init__(folder, dtype, allow_pickle)
         # training always uses the DDPM forward process the model was trained with
-        self.noise_scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        for module in (self.text_encoder, self.vae, self.unet):
-            module.requires_grad_(False).eval()
-        self.denoiser = self.unet
-        self.text_encoders = [self.text_encoder]
-        self.tokenizers = [self.tokenizer]
 
     @property
     def image_size(self) -> int:
@@ -45,37 +42,6 @@ class StableDiffusionBackbone(Backbone):
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         ids = self.tokenize(prompts).to(self.text_encoder.device)
         return {"encoder_hidden_states": self.text_encoder(ids)[0]}
-
-    def add_tokens(self, tokens: list[str], init_words: list[str], vectors_per_token: int = 1) -> list[int]:
-        """Tokens "<v1>" (and "<v1>_1", ... when several vectors) with rows copied from init words."""
-        from ..errors import UsageError
-
-        new_ids = []
-        embeddings = self.text_encoder.get_input_embeddings()
-        for token, word in zip(tokens, init_words):
-            names = [token] + [f"{token}_{k}" for k in range(1, vectors_per_token)]
-            for name in names:
-                vocab = self.tokenizer.get_vocab()
-                if name in vocab or f"{name}</w>" in vocab:
-                    raise UsageError(f"token {name!r} is already in the tokenizer's vocabulary; choose a new token such as <v1>")
-            self.tokenizer.add_tokens(names)
-            init_ids = self.tokenizer(word, add_special_tokens=False).input_ids or [self.tokenizer.eos_token_id]
-            self.text_encoder.resize_token_embeddings(len(self.tokenizer))
-            embeddings = self.text_encoder.get_input_embeddings()
-            with torch.no_grad():
-                init = embeddings.weight[init_ids].mean(0)
-                for name in names:
-                    idx = self.tokenizer.convert_tokens_to_ids(name)
-                    embeddings.weight[idx] = init
-                    new_ids.append(idx)
-        return new_ids
-
-    def expand_prompt(self, prompt: str, tokens: dict[str, int]) -> str:
-        """'<v1>' -> '<v1> <v1>_1 ...' for multi-vector tokens (as diffusers does when it loads them)."""
-        for token, n in tokens.items():
-            if n > 1:
-                prompt = prompt.replace(token, " ".join([token] + [f"{token}_{k}" for k in range(1, n)]))
-        return prompt
 
     # ---- images and noise ----
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -97,14 +63,20 @@ class StableDiffusionBackbone(Backbone):
         raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
 
     def predict(self, x_t, t, cond):
-        return self.unet(x_t, t, **cond).sample
+        return self.denoiser(x_t, t, **cond).sample
 
-    # ---- inference ----
-    def pipeline(self):
-        from diffusers import StableDiffusionPipeline
+    # ---- outputs and inference ----
+    def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
+        from ..export import write_kohya
 
-        scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)
-        text_encoder = getattr(self.text_encoder, "module", self.text_encoder)  # unwrapped under DDP
-        return StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder, tokenizer=self.tokenizer,
-                                       unet=self.denoiser, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        return write_kohya(diffusers_lora, out, alpha, self.unet.config.layers_per_block)
+
+    def sampling_scheduler(self):
+        return type(self.noise_scheduler).from_config(self.noise_scheduler.config)
+
+    def generation_pipeline(self):
+        from diffusers import DDIMScheduler
+
+        pipe = self.pipeline()
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # 30 DDIM steps, not 1000 DDPM ones
+        return pipe

@@ -77,30 +77,28 @@ def _coerce(value, type_name, default, where: str):
     return value
 
 
-class TokenEmbeddings:
-    """New tokens in the text encoder(s); only their rows learn, every other row stays bit-identical.
+class _EncoderRows:
+    """The new tokens' rows of one text encoder, in a parameter of their own.
 
-    The new rows live in a small parameter of their own that a forward hook puts in place of the
-    embedding's output wherever a new token's id appears: the optimizer then holds (n_tokens, dim)
-    values instead of the whole (vocabulary, dim) matrix, which made each step and each checkpoint
-    cost as much as the vocabulary. `write_back` copies the rows into the matrix for saving a model.
+    A forward hook puts them in place of the embedding's output wherever a new token's id appears:
+    the optimizer then holds (n_tokens, dim) values instead of the whole (vocabulary, dim) matrix,
+    which made each step and each checkpoint cost as much as the vocabulary.
     """
 
-    def __init__(self, backbone, concepts: list[ConceptSpec], vectors_per_token: int = 1):
-        self.backbone = backbone
-        self.tokens = {c.token: vectors_per_token for c in concepts}
-        self.ids = backbone.add_tokens([c.token for c in concepts], [c.init_word or c.class_word for c in concepts],
-                                       vectors_per_token)
-        self.embedding = backbone.text_encoder.get_input_embeddings()
-        self.weight = self.embedding.weight
-        self.rows = torch.nn.Parameter(self.weight[self.ids].detach().clone(), requires_grad=False)
-        self._id_tensor = torch.tensor(self.ids)
-        self._hook = None
+    def __init__(self, name: str, encoder, ids: list[int]):
+        self.name, self.ids = name, ids
+        self.weight = encoder.get_input_embeddings().weight
+        # every embedding module sharing that matrix: T5's encoder looks tokens up in its own
+        # `embed_tokens`, tied to (but not the same module as) the `shared` one get_input_embeddings gives
+        self.embeddings = [m for m in encoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is self.weight]
+        self.rows = torch.nn.Parameter(self.weight[ids].detach().clone(), requires_grad=False)
+        self._id_tensor = torch.tensor(ids)
+        self._hooks = []
 
     def make_trainable(self) -> torch.nn.Parameter:
         self.rows.requires_grad_(True)
-        if self._hook is None:
-            self._hook = self.embedding.register_forward_hook(self._substitute)
+        if not self._hooks:
+            self._hooks = [e.register_forward_hook(self._substitute) for e in self.embeddings]
         return self.rows
 
     def _substitute(self, module, args, output):
@@ -114,29 +112,86 @@ class TokenEmbeddings:
         with torch.no_grad():
             self.weight[self.ids] = self.rows.detach().to(self.weight.dtype)
 
+
+class TokenEmbeddings:
+    """New tokens in every text encoder of the model; only their rows learn, every other row stays
+    bit-identical. `write_back` copies the rows into the embedding matrices for saving a model."""
+
+    def __init__(self, backbone, concepts: list[ConceptSpec], vectors_per_token: int = 1):
+        self.backbone = backbone
+        self.tokens = {c.token: vectors_per_token for c in concepts}
+        ids = backbone.add_tokens([c.token for c in concepts], [c.init_word or c.class_word for c in concepts],
+                                  vectors_per_token)
+        self.encoders = [_EncoderRows(name, enc, enc_ids) for (name, _, enc), enc_ids in zip(backbone.text_pairs(), ids)]
+        # the first encoder's, for single-encoder callers
+        self.ids, self.rows = self.encoders[0].ids, self.encoders[0].rows
+
+    @property
+    def trainable(self) -> bool:
+        return self.rows.requires_grad
+
+    def make_trainable(self) -> list[torch.nn.Parameter]:
+        return [e.make_trainable() for e in self.encoders]
+
+    def freeze(self) -> None:
+        for e in self.encoders:
+            e.rows.requires_grad_(False)
+
+    def write_back(self) -> None:
+        for e in self.encoders:
+            e.write_back()
+
+    def _key(self, k: int, i: int) -> str:
+        return f"token.{i}" if k == 0 else f"token.{self.encoders[k].name}.{i}"  # the first keeps the old name
+
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"token.{i}": self.rows[k].detach().clone() for k, i in enumerate(self.ids)}
+        return {self._key(k, i): e.rows[j].detach().clone()
+                for k, e in enumerate(self.encoders) for j, i in enumerate(e.ids)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for k, i in enumerate(self.ids):
-                self.rows[k] = state[f"token.{i}"]
+            for k, e in enumerate(self.encoders):
+                for j, i in enumerate(e.ids):
+                    e.rows[j] = state[self._key(k, i)]
         self.write_back()
 
-    def learned_embeds(self) -> dict[str, torch.Tensor]:
-        """{token: (n_vectors, dim)}: the layout diffusers' load_textual_inversion reads."""
-        out, k = {}, 0
+    def learned_embeds(self, k: int = 0) -> dict[str, torch.Tensor]:
+        """{token: (n_vectors, dim)} of encoder k: the layout diffusers' load_textual_inversion reads."""
+        out, j = {}, 0
         for token, n in self.tokens.items():
-            out[token] = self.rows[k:k + n].detach().clone()
-            k += n
+            out[token] = self.encoders[k].rows[j:j + n].detach().clone()
+            j += n
         return out
 
+    @staticmethod
+    def file_name(k: int, encoder_name: str) -> str:
+        from ..backbones.base import embeddings_file
+
+        return embeddings_file(k, encoder_name)
+
     def save(self, out_dir: Path) -> Path:
-        path = out_dir / "learned_embeds.safetensors"
-        embeds = self.learned_embeds()
-        atomic_save({t: (v[0] if len(v) == 1 else v).float() for t, v in embeds.items()}, path,
-                    metadata={"tokens": ",".join(embeds)})
-        return path
+        """One file per text encoder (each loads with load_textual_inversion into that encoder); returns the first."""
+        paths = []
+        for k, e in enumerate(self.encoders):
+            path = out_dir / self.file_name(k, e.name)
+            embeds = self.learned_embeds(k)
+            atomic_save({t: (v[0] if len(v) == 1 else v).float() for t, v in embeds.items()}, path,
+                        metadata={"tokens": ",".join(embeds), "text_encoder": e.name})
+            paths.append(path)
+        return paths[0]
+
+    def load_saved(self, run: Path) -> None:
+        """The rows from a run's saved embeddings (PureCC stage 2 reads stage 1's)."""
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            for k, e in enumerate(self.encoders):
+                learned = load_file(str(run / self.file_name(k, e.name)))
+                j = 0
+                for token, n in self.tokens.items():
+                    e.rows[j:j + n] = learned[token].reshape(n, -1)
+                    j += n
+        self.write_back()
 
     def prompt(self, text: str) -> str:
         return self.backbone.expand_prompt(text, self.tokens)
@@ -187,7 +242,7 @@ class Method:
 
     def token_group(self, lr: float | None = None) -> dict:
         """The optimizer group of the new tokens' rows: no weight decay, so no other row ever moves."""
-        group = {"params": [self.tokens.make_trainable()], "weight_decay": 0.0}
+        group = {"params": self.tokens.make_trainable(), "weight_decay": 0.0}
         if lr is not None:
             group["lr"] = lr
         return group
@@ -210,7 +265,7 @@ class Method:
     def encode(self, prompts: list[str]) -> dict:
         if self.tokens is not None:
             prompts = [self.tokens.prompt(p) for p in prompts]
-        if (self.tokens is not None and self.tokens.rows.requires_grad) or any(
+        if (self.tokens is not None and self.tokens.trainable) or any(
                 p.requires_grad for te in self.backbone.text_encoders for p in te.parameters()):
             return self.backbone.encode_prompts(prompts)
         # the text side is frozen: each prompt is encoded once

@@ -1,4 +1,5 @@
-"""Custom Diffusion (Kumari et al. 2023): cross-attention key/value projections plus the token."""
+"""Custom Diffusion (Kumari et al. 2023): the projections of text to keys and values plus the token
+(cross-attention to_k/to_v in a UNet, the text side add_k_proj/add_v_proj of MMDiT joint attention)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,6 @@ from ..checkpoint import atomic_save
 from .base import Method, MethodConfig, TokenEmbeddings, register
 
 WEIGHTS = "custom_diffusion.safetensors"
-
-
-def cross_attention_kv(denoiser) -> dict[str, torch.nn.Parameter]:
-    """The to_k / to_v weights of every cross-attention block (attn2 reads the text)."""
-    return {n: p for n, p in denoiser.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n}
 
 
 @dataclass
@@ -34,26 +30,26 @@ class CustomDiffusion(Method):
 
     def setup(self) -> list[dict]:
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)
-        params = list(cross_attention_kv(self.backbone.denoiser).values())
+        params = list(self.backbone.text_kv_params().values())
         for p in params:
             p.requires_grad_(True)
         return [{"params": params}, self.token_group(self.config.token_lr)]
 
     def trainable_denoiser_params(self):
-        return cross_attention_kv(self.backbone.denoiser)
+        return self.backbone.text_kv_params()
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         path = out_dir / WEIGHTS
-        atomic_save({k: v.float() for k, v in cross_attention_kv(self.backbone.denoiser).items()}, path,
-                    metadata={"format": "pristine.custom_diffusion", "keys": "unet parameter names"})
+        atomic_save({k: v.float() for k, v in self.backbone.text_kv_params().items()}, path,
+                    metadata={"format": "pristine.custom_diffusion", "keys": "denoiser parameter names"})
         return [path, self.tokens.save(out_dir)]
 
 
-def apply_custom_diffusion(unet, path: Path) -> None:
-    """Load saved key/value projections into a UNet (sampling)."""
+def apply_custom_diffusion(denoiser, path: Path) -> None:
+    """Load saved key/value projections into a pipeline's denoiser (sampling)."""
     from safetensors.torch import load_file
 
-    params = dict(unet.named_parameters())
+    params = dict(denoiser.named_parameters())
     with torch.no_grad():
         for k, v in load_file(str(path)).items():
             params[k].copy_(v.to(params[k].dtype))

@@ -3,14 +3,12 @@ optionally with the concept token's embedding (pivotal tuning), optionally with 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from ..files import durable_replace
 from .base import Method, MethodConfig, TokenEmbeddings, register
 
 ADAPTER = "learner"
@@ -20,7 +18,7 @@ ADAPTER = "learner"
 class LoraConfig(MethodConfig):
     rank: int = 4
     alpha: float = 4.0
-    targets: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    targets: list = field(default_factory=list)  # empty: the family's attention projections
     dropout: float = 0.0
     train_token: bool = True  # learn the token's embedding too (its row starts as the class word's)
     token_lr: float = 5e-3
@@ -28,12 +26,17 @@ class LoraConfig(MethodConfig):
     positive: ClassVar[tuple[str, ...]] = ("rank", "alpha", "token_lr")
 
 
-def add_lora(denoiser, config: LoraConfig, name: str) -> list[torch.nn.Parameter]:
+def lora_targets(backbone, config: LoraConfig) -> list[str]:
+    return list(config.targets) or list(backbone.LORA_TARGETS)
+
+
+def add_lora(backbone, config: LoraConfig, name: str) -> list[torch.nn.Parameter]:
     """A LoRA adapter on the one copy of the denoiser's weights; returns its parameters."""
     from peft import LoraConfig as PeftLoraConfig
 
+    denoiser = backbone.denoiser
     denoiser.add_adapter(PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                        init_lora_weights="gaussian", target_modules=list(config.targets)),
+                                        init_lora_weights="gaussian", target_modules=lora_targets(backbone, config)),
                          adapter_name=name)
     params = list(lora_params(denoiser, name).values())
     for p in params:
@@ -67,23 +70,9 @@ class AdapterSwitch:
                 layer._disable_adapters = False  # enable_adapters(True) would set the adapter a second time
 
 
-def save_lora(pipeline_cls, denoiser, name: str, config: LoraConfig, out_dir: Path) -> Path:
-    """pytorch_lora_weights.safetensors in the diffusers layout, rank and alpha in its metadata."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name=name))
-    metadata = {"r": config.rank, "lora_alpha": config.alpha, "target_modules": list(config.targets)}
-    tmp = out_dir / ".lora.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    final = out_dir / "pytorch_lora_weights.safetensors"
-    try:
-        pipeline_cls.save_lora_weights(tmp, unet_lora_layers={k: v.float() for k, v in layers.items()},
-                                       unet_lora_adapter_metadata=metadata, safe_serialization=True)
-        durable_replace(tmp / "pytorch_lora_weights.safetensors", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
-    return final
+def save_lora(backbone, name: str, config: LoraConfig, out_dir: Path) -> Path:
+    """The adapter `name` in the family's diffusers LoRA layout."""
+    return backbone.save_lora(name, config.rank, config.alpha, lora_targets(backbone, config), out_dir)
 
 
 @register
@@ -94,7 +83,7 @@ class LoRA(Method):
 
     def setup(self) -> list[dict]:
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)
-        groups = [{"params": add_lora(self.backbone.denoiser, self.config, ADAPTER)}]
+        groups = [{"params": add_lora(self.backbone, self.config, ADAPTER)}]
         if self.config.train_token:
             groups.append(self.token_group(self.config.token_lr))
         return groups
@@ -103,11 +92,7 @@ class LoRA(Method):
         return lora_params(self.backbone.denoiser, ADAPTER)
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
-        pipe_cls = type(self.backbone.pipeline())
-        paths = [save_lora(pipe_cls, self.backbone.denoiser, ADAPTER, self.config, out_dir), self.tokens.save(out_dir)]
+        paths = [save_lora(self.backbone, ADAPTER, self.config, out_dir), self.tokens.save(out_dir)]
         if "kohya" in export:
-            from ..export import write_kohya
-
-            paths.append(write_kohya(paths[0], out_dir / "lora_kohya.safetensors", self.config.alpha,
-                                     self.backbone.denoiser.config.layers_per_block))
+            paths.append(self.backbone.write_kohya(paths[0], out_dir / "lora_kohya.safetensors", self.config.alpha))
         return paths

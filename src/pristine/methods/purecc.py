@@ -97,8 +97,8 @@ class PureCC(Method):
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)
         denoiser = self.backbone.denoiser
         lora = LoraConfig(rank=c.rank, alpha=c.alpha)
-        extractor = add_lora(denoiser, lora, EXTRACTOR)
-        learner = add_lora(denoiser, lora, LEARNER)
+        extractor = add_lora(self.backbone, lora, EXTRACTOR)
+        learner = add_lora(self.backbone, lora, LEARNER)
         self.switch = AdapterSwitch(denoiser)
         self._checkpointing_on = False
         groups = [{"params": learner}]
@@ -113,8 +113,9 @@ class PureCC(Method):
     def _load_stage1(self, run: Path) -> None:
         from safetensors.torch import load_file
 
-        weights, embeds = run / "extractor_lora.safetensors", run / "learned_embeds.safetensors"
-        for f in (weights, embeds):
+        weights = run / "extractor_lora.safetensors"
+        embeds = [run / self.tokens.file_name(k, e.name) for k, e in enumerate(self.tokens.encoders)]
+        for f in (weights, *embeds):
             if not f.is_file():
                 raise UsageError(f"method_args.stage1_run: {f} is missing; give a finished PureCC stage-1 run")
         params = lora_params(self.backbone.denoiser, EXTRACTOR)
@@ -122,10 +123,7 @@ class PureCC(Method):
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
-            learned = load_file(str(embeds))
-            for k, token in enumerate(self.tokens.tokens):
-                self.tokens.rows[k] = learned[token].reshape(-1)
-        self.tokens.write_back()
+        self.tokens.load_saved(run)
 
     def in_stage1(self, step: int) -> bool:
         return self.config.stage == "1" or (self.config.stage == "both" and step < self.config.stage1_steps)
@@ -138,8 +136,8 @@ class PureCC(Method):
             self.switch.use(EXTRACTOR)
             loss, _ = denoising_loss(self.backbone, batch["latents"], self.encode(batch["prompts"]), generator, batch=batch)
             return loss, {"stage": 1}
-        if self.tokens.rows.requires_grad:  # stage 2 of a two-stage run: the token is final from here on,
-            self.tokens.rows.requires_grad_(False)  # so prompts are encoded once and cached
+        if self.tokens.trainable:  # stage 2 of a two-stage run: the token is final from here on,
+            self.tokens.freeze()  # so prompts are encoded once and cached
         return self.stage2_loss(batch, generator)
 
     def stage2_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -187,13 +185,12 @@ class PureCC(Method):
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         from ..checkpoint import atomic_save
 
-        pipe_cls = type(self.backbone.pipeline())
         extractor = out_dir / "extractor_lora.safetensors"
         atomic_save({k: v.detach().float() for k, v in lora_params(self.backbone.denoiser, EXTRACTOR).items()}, extractor,
                     metadata={"format": "pristine.purecc.extractor (peft parameter names)"})
         paths = [extractor, self.tokens.save(out_dir)]
         if self.config.stage == "1":  # the extractor is the result: save it as the run's LoRA too
-            paths.append(save_lora(pipe_cls, self.backbone.denoiser, EXTRACTOR, LoraConfig(self.config.rank, self.config.alpha), out_dir))
+            paths.append(save_lora(self.backbone, EXTRACTOR, LoraConfig(self.config.rank, self.config.alpha), out_dir))
         else:  # inference needs only the learner and the token
-            paths.append(save_lora(pipe_cls, self.backbone.denoiser, LEARNER, LoraConfig(self.config.rank, self.config.alpha), out_dir))
+            paths.append(save_lora(self.backbone, LEARNER, LoraConfig(self.config.rank, self.config.alpha), out_dir))
         return paths

@@ -1,0 +1,38 @@
+"""Stable Diffusion XL: a UNet on VAE latents, two CLIP text encoders (penultimate hidden states of
+both, concatenated) plus the second one's pooled embedding and the size/crop "time ids"."""
+
+from __future__ import annotations
+
+import torch
+
+from .sd import StableDiffusionBackbone
+
+
+class StableDiffusionXLBackbone(StableDiffusionBackbone):
+    family = "sdxl"
+    TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    PIPELINE_KWARGS = {}
+    ENCODES_WITH_PIPELINE = True
+
+    @classmethod
+    def pipeline_class(cls):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        # the pipeline's own encode_prompt: training sees exactly the conditioning inference builds
+        embeds, _, pooled, _ = self.text_pipeline().encode_prompt(prompts, device=self.denoiser.device,
+                                                                  do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+
+    def predict(self, x_t, t, cond):
+        # training images are resized and center-cropped to the target size: original = target, crop (0, 0)
+        h, w = (d * self.vae_scale for d in x_t.shape[-2:])
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=x_t.dtype, device=x_t.device).expand(len(x_t), 6)
+        return self.denoiser(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                             added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": time_ids}).sample
