@@ -56,8 +56,13 @@ def test_two_processes_train_like_one_with_the_whole_batch(tiny, star_images, tm
     token_key = next(k for k in single if k.startswith("token."))  # the token's row is among what is compared
     for key in single:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs across processes"
-        assert torch.allclose(ranks[0][key], single[key].float(), atol=2e-4, rtol=1e-3), \
-            f"{key}: 2 x batch 2 differs from 1 x batch 4 by {(ranks[0][key] - single[key]).abs().max():.2e}"
+        # summing a batch in two halves changes the last bits of a gradient; Adam's first steps turn an
+        # element whose gradient sits at that noise floor into a full step of either sign, so a few
+        # elements may differ by up to the learning rate; a wrong split of the batch moves most of them
+        diff = (ranks[0][key] - single[key].float()).abs()
+        assert diff.max() <= 2 * 1e-2 * 2, f"{key}: 2 x batch 2 differs from 1 x batch 4 by {diff.max():.2e}"
+        assert (diff > 1e-5).float().mean() <= 0.01, \
+            f"{key}: {(diff > 1e-5).float().mean():.1%} of its elements differ between 2 x batch 2 and 1 x batch 4"
     # what is equal was trained: the token's row moved from the class word's, and the saved one is it
     star = backbone.tokenizer("star", add_special_tokens=False).input_ids
     from pristine.backbones import load_backbone

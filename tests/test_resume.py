@@ -30,7 +30,8 @@ def _same_outputs(a: Path, b: Path) -> None:
 def test_kill_during_a_checkpoint_write_then_resume(tiny, star_images, tmp_path, capsys):
     assert main(["train", *_flags(tiny, star_images, tmp_path / "straight")]) == 0
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    # the same thread count as this process: bit-equal weights need the same float kernels
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(HERE / "kill_during_checkpoint.py"), "4", *_flags(tiny, star_images, killed)],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -88,12 +89,12 @@ def test_overwrite_replaces_a_run_and_resume_keeps_its_settings(tiny, star_image
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(tiny, star_images, tmp_path, capsys, monkeypatch):
     import errno
 
-    import pristine.methods.lora as lora
+    import pristine.backbones.base as backbone_base
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / ".lora.tmp"))
 
-    monkeypatch.setattr(lora, "durable_replace", no_space)
+    monkeypatch.setattr(backbone_base, "durable_replace", no_space)  # where the LoRA file is renamed into place
     run = tmp_path / "run"
     capsys.readouterr()
     code = main(["train", "--model", str(tiny), "--images", str(star_images), "--token", "<v1>", "--class-word", "star",

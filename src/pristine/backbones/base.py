@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import UsageError
+from ..files import durable_replace
 
 
 class Backbone(ABC):
@@ -149,8 +150,6 @@ class Backbone(ABC):
         if self.LORA_PREFIX == "unet":  # the UNet loaders read diffusers' names; the transformer ones peft's own
             layers = convert_state_dict_to_diffusers(layers)
         metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
-        from ..files import durable_replace
-
         tmp = out_dir / ".lora.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         final = out_dir / "pytorch_lora_weights.safetensors"
