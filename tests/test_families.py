@@ -179,6 +179,11 @@ def test_sdxl_kohya_layout_round_trips_through_diffusers_conversion(models, star
     assert code == 0, err
     kohya = load_file(str(run / "lora_kohya.safetensors"))
     assert kohya and all(k.startswith("lora_unet_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
+    _kohya_draws_what_the_diffusers_file_draws(folder, run)
+
+
+def _kohya_draws_what_the_diffusers_file_draws(folder, run):
+    """Plain load_lora_weights of the kohya file (diffusers converts it) against the diffusers file."""
     pictures = []
     for weights in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", None):
         pipe = family_pipeline(folder)
@@ -223,14 +228,7 @@ def test_flux_kohya_layout_round_trips_through_diffusers_conversion(models, star
     kohya = load_file(str(run / "lora_kohya.safetensors"))
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
     assert "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight" in kohya
-    pictures = []
-    for weights in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", None):
-        pipe = family_pipeline(folder)
-        if weights:
-            pipe.load_lora_weights(str(run), weight_name=weights)
-        pictures.append(image(pipe))
-    assert np.allclose(pictures[0], pictures[1], atol=2e-3)  # the kohya file is stored in fp16
-    assert not np.allclose(pictures[0], pictures[2], atol=1e-4)
+    _kohya_draws_what_the_diffusers_file_draws(folder, run)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

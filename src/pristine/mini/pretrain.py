@@ -280,8 +280,8 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
             texts.append(positive)
             negs.extend(wrong)
         b = len(idx)
-        img = F.normalize(clip.get_image_features(pixel_values=images[idx].to(device)).pooler_output, dim=-1)
-        txt = F.normalize(clip.get_text_features(input_ids=ids(texts + negs).to(device)).pooler_output, dim=-1)
+        img = R.image_features(clip, images[idx].to(device))
+        txt = R.text_features(clip, ids(texts + negs).to(device))
         scale = clip.logit_scale.exp()
         pos, neg = txt[:b], txt[b:].view(b, negatives, -1)
         batch_logits = scale * img @ pos.T
@@ -289,7 +289,7 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
         target = torch.arange(b, device=device)
         contrastive = (F.cross_entropy(torch.cat([batch_logits, hard_logits], 1), target)
                        + F.cross_entropy(batch_logits.T, target)) / 2
-        zs_logits = scale * img @ F.normalize(clip.get_text_features(input_ids=prompt_ids).pooler_output, dim=-1).T
+        zs_logits = scale * img @ R.text_features(clip, prompt_ids).T
         zero_shot, start = 0.0, 0
         for name, (values, _) in R.ZERO_SHOT.items():
             truth = torch.tensor([truths[i].get(name, -100) for i in idx], device=device)
