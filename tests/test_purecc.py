@@ -81,7 +81,8 @@ def test_two_stages_in_one_run_then_stage_two_alone(tiny, star_images, tmp_path,
 def test_step_cost_measures_each_method_in_its_own_process(tiny, star_images, tmp_path):
     from pristine.eval.stepcost import run
 
-    methods = {"lora": {"method": "lora"}, "purecc": {"method": "purecc"}}
+    methods = {"lora": {"method": "lora"}, "purecc": {"method": "purecc"},
+               "lora_preserve": {"method": "lora", "preserve": "class", "preserve_weight": 0.5}}
     results = run(methods, str(star_images), "<v1>", "star", tmp_path, model=str(tiny), steps=3, batch_size=2, repeats=1)
     assert (tmp_path / "stepcost.json").is_file() and (tmp_path / "purecc_stage1" / "DONE").is_file()
     for r in results.values():
@@ -89,6 +90,7 @@ def test_step_cost_measures_each_method_in_its_own_process(tiny, star_images, tm
     assert results["lora"]["time_vs_first"] == 1.0 and len(results["purecc"]["rounds"]) == 1
     assert len(results["purecc"]["rounds"][0]["paired_s"]) == 3
     assert results["purecc"]["method_args"]["stage"] == "2"  # stage 2 is what was timed
+    assert results["lora_preserve"]["preserve"] == "class" and results["lora"]["preserve"] == ""
 
 
 def test_adapter_switching_leaves_base_weights_bit_identical(tiny, star_images):
