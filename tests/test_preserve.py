@@ -215,3 +215,27 @@ def test_train_config_parses_preserve_flags_and_keys(tmp_path, star_images):
     off = train_config_from_args(build_parser().parse_args(["train", "--images", str(star_images), "--token", "<v1>",
                                                             "--class-word", "star", "--out", str(tmp_path / "r")]))
     assert off.preserve == "" and off.output_preservation() is None
+
+
+def test_a_resumed_run_with_preservation_ends_where_an_unstopped_one_does(tiny, star_images, tmp_path, capsys):
+    """Custom Diffusion trains its K/V in place: the values preservation puts back must be the loaded
+    ones even when a run resumes with trained K/V from a checkpoint."""
+    from safetensors.torch import load_file
+
+    common = ["train", "--model", str(tiny), "--images", str(star_images), "--token", "<v1>", "--class-word", "star",
+              "--method", "custom_diffusion", "--lr", "1e-2", "--steps", "4", "--checkpoint-every", "2",
+              "--preserve", "unrelated", "--preserve-weight", "4"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    b = tmp_path / "b"
+    outputs = ("custom_diffusion.safetensors", "learned_embeds.safetensors")
+    for name in ("DONE", *outputs):
+        (b / name).unlink()
+    (b / "checkpoints" / "step_0000004.safetensors").unlink()  # killed after step 2
+    assert main([*common, "--out", str(b), "--resume", "latest"]) == 0, capsys.readouterr().err
+    for name in outputs:
+        x, y = load_file(str(tmp_path / "a" / name)), load_file(str(b / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    logs = [[json.loads(line)["preserve"] for line in (run / "log.jsonl").read_text().splitlines()] for run in
+            (tmp_path / "a", b)]
+    assert logs[0] == logs[1] and logs[0][-1] > 0
