@@ -27,7 +27,8 @@ def test_class_prompts_replace_the_token_by_the_class_word():
 
 
 def test_unrelated_prompts_are_fixed_leave_the_class_out_and_are_not_minibench_prompts():
-    from pristine.eval.minibench import CONTEXTS, UNRELATED, budget_settings, get_concept, prompts_for
+    from pristine.eval.minibench import UNRELATED, prompts_for
+    from pristine.world.concepts import DEV_CONCEPTS
 
     every = fixed_preservation_prompts("unrelated", [])
     assert len(every) == len(set(every)) == 24
@@ -37,10 +38,9 @@ def test_unrelated_prompts_are_fixed_leave_the_class_out_and_are_not_minibench_p
     assert set(for_star) <= set(every)
     # nothing MiniBench measures pollution on is trained on
     benched = set(UNRELATED)
-    for name in ("ember_star",):
-        _, concept_prompts, class_prompts = prompts_for(get_concept(name))
-        benched |= set(class_prompts)
-    assert not benched & set(every) and len(CONTEXTS) and budget_settings("lora_preserve")[1]["preserve"] == "class"
+    for concept in DEV_CONCEPTS:
+        benched |= set(prompts_for(concept)[2])  # the class prompts of pollution (b)
+    assert not benched & set(every)
 
 
 def test_prompts_file_lines_and_its_errors(tmp_path):

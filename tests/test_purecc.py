@@ -279,8 +279,6 @@ def test_extractor_lora_false_runs_r_with_every_adapter_off(tiny, star_images):
 
 
 def test_base_preserve_weight_adds_the_learners_y_base_against_the_original(tiny, star_images):
-    import pytest as _pytest
-
     m, batch, g, calls = _stage2(tiny, star_images, base_branch="original", base_preserve_weight=0.5)
     loss, logs = m.loss(batch, g)
     learner = [c for c in calls if c["grad"]]
@@ -288,6 +286,6 @@ def test_base_preserve_weight_adds_the_learners_y_base_against_the_original(tiny
     frozen = [c for c in calls if not c["grad"]]
     f_base = frozen[-1]["out"][-2:]
     expected = (learner[0]["out"][2:].detach().float() - f_base.float()).pow(2).mean().item()
-    assert logs["l_base_preserve"] == _pytest.approx(expected) and expected > 0
+    assert logs["l_base_preserve"] == pytest.approx(expected) and expected > 0
     without, _ = _stage2(tiny, star_images, base_branch="original")[0].loss(batch, g)
-    assert loss.item() == _pytest.approx(without.item() + 0.5 * expected, rel=1e-5)
+    assert loss.item() == pytest.approx(without.item() + 0.5 * expected, rel=1e-5)
