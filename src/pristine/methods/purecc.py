@@ -50,7 +50,8 @@ class PureCCConfig(MethodConfig):
     stop_grad_base: bool = False  # the authors' code lets gradients flow through the y_base branch
     # the batched learner forward keeps activations for two predictions per sample; recomputing them
     # block by block in the backward pass keeps stage 2's memory near a LoRA step's, for more time
-    # (same gradients; ignored with stop_grad_base, which keeps one prediction's activations anyway)
+    # (same gradients; ignored where the learner predicts y_complete alone: stop_grad_base, or
+    # base_branch=original without base_preserve_weight)
     learner_checkpointing: bool = True
     # where f(y_base) comes from: "learner" (the paper, the authors' code) or "original" (ours: the
     # original model, adapters off, no gradient, batched with R's forward)
