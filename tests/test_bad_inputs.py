@@ -81,6 +81,11 @@ def world(tiny, star_images, tmp_path_factory):
     (root / "latin1.yaml").write_bytes("out: r\nclass_prompt: 'une étoile'\n".encode("latin-1"))
     (root / "lr0.yaml").write_text(f"model: {tiny}\nout: {root / 'new'}\nlr: 0\nconcepts:\n"
                                    f"  - {{images: {star_images}, token: '<v1>', class_word: star}}\n")
+    (root / "blank_prompts.txt").write_text("\n   \n")
+    (root / "token_prompts.txt").write_text("a red circle\na <v1> star on grass\n")
+    (root / "latin1_prompts.txt").write_bytes("une étoile rouge\n".encode("latin-1"))
+    (root / "preserve_nan.yaml").write_text(f"model: {tiny}\nout: {root / 'new'}\npreserve: class\npreserve_weight: .nan\n"
+                                            f"concepts:\n  - {{images: {star_images}, token: '<v1>', class_word: star}}\n")
     (root / "broken.yaml").write_text("steps: [1,\n")
     (root / "unknown.yaml").write_text("stepz: 3\n")
     (root / "state.pt").write_bytes(b"\x80\x04K\x01.")
@@ -143,6 +148,34 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
     "unknown_method_arg": (lambda w: _train(w, "star", "--method-arg", "rnak=4", "--out", NEW), ["rnak"]),
     "mixed_precision_fp8": (lambda w: _train(w, "star", "--mixed-precision", "fp8", "--out", NEW), ["mixed_precision"]),
     "export_onnx": (lambda w: _train(w, "star", "--export", "onnx", "--out", NEW), ["onnx"]),
+    # output preservation and PureCC's base branch
+    "preserve_missing_file": (lambda w: _train(w, "star", "--preserve", str(w["root"] / "nope.txt"), "--out", NEW),
+                              ["preserve", "nope.txt", "class, unrelated"]),
+    "preserve_folder": (lambda w: _train(w, "star", "--preserve", str(w["root"]), "--out", NEW), ["preserve", "folder"]),
+    "preserve_empty_file": (lambda w: _train(w, "star", "--preserve", str(w["root"] / "blank_prompts.txt"), "--out", NEW),
+                            ["preserve", "blank_prompts.txt", "no prompts"]),
+    "preserve_file_names_token": (lambda w: _train(w, "star", "--preserve", str(w["root"] / "token_prompts.txt"),
+                                                   "--out", NEW), ["preserve", "token_prompts.txt:2", "<v1>"]),
+    "preserve_file_latin1": (lambda w: _train(w, "star", "--preserve", str(w["root"] / "latin1_prompts.txt"), "--out", NEW),
+                             ["latin1_prompts.txt", "UTF-8"]),
+    "preserve_weight_negative": (lambda w: _train(w, "star", "--preserve", "class", "--preserve-weight", "-0.5",
+                                                  "--out", NEW), ["preserve_weight", "-0.5"]),
+    "preserve_weight_zero": (lambda w: _train(w, "star", "--preserve", "class", "--preserve-weight", "0", "--out", NEW),
+                             ["preserve_weight", "positive"]),
+    "preserve_weight_nan_yaml": (lambda w: ["train", "--config", str(w["root"] / "preserve_nan.yaml")],
+                                 ["preserve_weight"]),
+    "preserve_textual_inversion": (lambda w: _train(w, "star", "--method", "textual_inversion", "--preserve", "class",
+                                                    "--out", NEW), ["preserve", "textual_inversion", "drop --preserve"]),
+    "preserve_dreambooth": (lambda w: _train(w, "star", "--method", "dreambooth", "--preserve", "unrelated", "--out", NEW),
+                            ["preserve", "dreambooth", "--method lora"]),
+    "purecc_base_branch_unknown": (lambda w: _train(w, "star", "--method", "purecc", "--method-arg", "base_branch=frozen",
+                                                    "--out", NEW), ["base_branch", "frozen"]),
+    "purecc_base_preserve_on_learner": (lambda w: _train(w, "star", "--method", "purecc", "--method-arg",
+                                                         "base_preserve_weight=0.5", "--out", NEW),
+                                        ["base_preserve_weight", "base_branch=original"]),
+    "purecc_base_preserve_negative": (lambda w: _train(w, "star", "--method", "purecc", "--method-arg", "base_branch=original",
+                                                       "--method-arg", "base_preserve_weight=-1", "--out", NEW),
+                                      ["base_preserve_weight", "-1"]),
     "token_in_vocabulary": (lambda w: ["train", "--model", str(w["tiny"]), "--images", str(w["star"]), "--token", "star",
                                        "--class-word", "star", "--steps", "1", "--out", NEW], ["vocabulary"]),
     # model folders
@@ -162,6 +195,7 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
     "resume_changed_seed": (lambda w: _resume(w, "--seed", "99"), ["config.yaml", "seed", "99"]),
     "resume_other_method": (lambda w: _resume(w, "--method", "textual_inversion"), ["method", "textual_inversion"]),
     "resume_other_rank": (lambda w: _resume(w, "--rank", "8"), ["method_args", "rank"]),
+    "resume_adds_preserve": (lambda w: _resume(w, "--preserve", "class"), ["config.yaml", "preserve"]),
     "resume_pickle": (lambda w: _train(w, "star", "--out", NEW, "--resume", str(w["root"] / "state.pt")), ["state.pt", "pickle"]),
     "resume_corrupt_named": (lambda w: _train(w, "star", "--out", NEW, "--resume", str(w["root"] / "garbage.safetensors")),
                              ["garbage.safetensors"]),

@@ -82,3 +82,60 @@ def test_bench_steps_variants_are_checked_before_anything_is_written(tmp_path, c
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_authors_budgets_resolve_to_their_stated_settings(tmp_path):
+    from pristine.eval.minibench import budget_settings
+    from pristine.methods.lora import LoraConfig
+    from pristine.methods.purecc import PureCCConfig
+    from pristine.train import TrainConfig
+
+    concepts = [{"images": str(tmp_path), "token": "<v1>", "class_word": "star"}]
+
+    def resolved(entry):
+        name, settings = budget_settings(entry)
+        return TrainConfig.from_dict({**settings, "method": name, "out": str(tmp_path / "r"), "concepts": concepts})
+
+    lora = resolved("lora_authors")
+    assert (lora.method, lora.steps, lora.batch_size, lora.lr, lora.lr_scheduler, lora.weight_decay) == (
+        "lora", 800, 4, 1e-4, "constant", 1e-4)
+    args = LoraConfig.from_dict(lora.method_args)
+    assert (args.rank, args.alpha, args.token_lr, args.train_token) == (4, 4, 5e-3, True)
+    purecc = resolved("purecc_authors")
+    args = PureCCConfig.from_dict(purecc.method_args)
+    # stage 1: 400 steps, LoRA lr 1e-4, token lr 5e-3; stage 2: 800 steps at lr 1e-4, constant, weight decay 1e-4
+    assert (args.stage1_steps, purecc.steps - args.stage1_steps, args.stage1_lr, args.token_lr) == (400, 800, 1e-4, 5e-3)
+    assert (purecc.lr, purecc.lr_scheduler, purecc.weight_decay, purecc.batch_size) == (1e-4, "constant", 1e-4, 4)
+    assert (args.rank, args.alpha, args.extractor_lora, args.base_branch) == (4, 4, False, "learner")
+    # the lr 1e-3 budgets are still there beside them
+    assert resolved("lora").lr == 1e-3 and resolved("purecc").lr == 1e-3
+    preserve = resolved("lora_preserve")
+    assert (preserve.preserve, preserve.preserve_weight, preserve.lr) == ("class", 1.0, 1e-3)
+    assert resolved("lora_preserve_authors").preserve == "class"
+    # BUDGET@KEY=VALUE: method settings and training settings, a row of its own
+    anchored = resolved("purecc_authors@base_branch=original@lambda_mode=adaptive")
+    assert anchored.method_args["base_branch"] == "original" and anchored.method_args["lambda_mode"] == "adaptive"
+    assert resolved("purecc@extractor_lora=false").method_args["extractor_lora"] is False
+    assert resolved("lora@preserve=unrelated@preserve_weight=0.5").preserve_weight == 0.5
+    assert budget_settings("purecc_authors", 80)[1]["method_args"]["stage1_steps"] == 80
+
+
+def test_bench_mini_runs_budgets_with_changed_settings_as_their_own_rows(tmp_path, capsys):
+    from pristine.cli import main
+
+    out = tmp_path / "bench"
+    methods = "lora_preserve,purecc_authors@base_branch=original"
+    assert main(["bench", "mini", "--methods", methods, "--concepts", "ember_star", "--out", str(out),
+                 "--seeds", "1", "--sample-steps", "2", "--train-steps", "2"]) == 0
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["summary"]) == methods.split(",")
+    assert results["settings"]["budgets"]["purecc_authors@base_branch=original"]["method_args"]["base_branch"] == "original"
+    log = [json.loads(line) for line in (out / "runs" / "lora_preserve" / "ember_star" / "log.jsonl").read_text().splitlines()]
+    assert all("preserve" in r for r in log)
+    for bad, says in (("lora@preserve=nofile.txt", "nofile.txt"), ("textual_inversion@preserve=class", "textual_inversion"),
+                      ("purecc@base_branch=frozen", "base_branch")):
+        assert main(["bench", "mini", "--methods", bad, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

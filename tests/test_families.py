@@ -256,3 +256,45 @@ def test_joint_attention_capture_keeps_outputs_and_yields_maps_over_the_text(mod
         assert torch.allclose(m.sum(-1), torch.ones_like(m.sum(-1)), atol=1e-5)
     assert maps[layers[0]][0].ne(maps[layers[0]][1]).any()  # the two prompts attend differently
     assert not any("Capture" in type(p).__name__ for p in backbone.denoiser.attn_processors.values())
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_output_preservation_compares_with_the_loaded_model_in_every_family(models, star_images, family):
+    """The original's prediction (adapters off, Custom Diffusion's K/V as loaded) is the loaded model's,
+    bit for bit; the loss is zero untrained, positive once the trained weights move, and the trained
+    model is back in place after it."""
+    from pristine.backbones import load_backbone
+    from pristine.data import ConceptImages, ConceptSpec, build_training_set, cache_latents
+    from pristine.methods import get_method
+    from pristine.methods.base import OutputPreservation
+
+    folder = models(family)
+    spec = ConceptSpec(str(star_images), "<v1>", "star")
+    fresh = load_backbone(str(folder))
+    for method in ("lora", "custom_diffusion"):
+        backbone = load_backbone(str(folder))
+        cls = get_method(method)
+        m = cls(cls.Config.from_dict({}), backbone, [spec])
+        m.setup()
+        m.use_preservation(OutputPreservation.from_setting("class", 1.0, [spec]))
+        data = build_training_set([ConceptImages.load(spec)], 16, flip=False)
+        cache_latents(data, backbone)
+        g = torch.Generator().manual_seed(0)
+        batch = {"prompts": data.prompts[:2], "is_prior": data.is_prior[:2], "step": 0}
+        x0 = data.latents[:2, 0]
+        t = backbone.sample_timesteps(2, g)
+        x_t = backbone.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        cond = m.encode(batch["prompts"])
+        targets = m.preservation_targets(x_t, t, batch)
+        with torch.no_grad():
+            loaded = fresh.predict(targets["x"], targets["t"], targets["cond"])
+            assert torch.equal(targets["original"], loaded), method
+            assert m.predict_preserving(x_t, t, cond, targets)[1].item() < 1e-10, method
+            for p in m.trainable_denoiser_params().values():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        targets = m.preservation_targets(x_t, t, batch)
+        assert torch.equal(targets["original"], loaded), method
+        _, l_preserve = m.predict_preserving(x_t, t, cond, targets)
+        assert l_preserve.item() > 1e-6, method
+        l_preserve.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.trainable_denoiser_params().values())

@@ -81,7 +81,8 @@ def test_two_stages_in_one_run_then_stage_two_alone(tiny, star_images, tmp_path,
 def test_step_cost_measures_each_method_in_its_own_process(tiny, star_images, tmp_path):
     from pristine.eval.stepcost import run
 
-    methods = {"lora": {"method": "lora"}, "purecc": {"method": "purecc"}}
+    methods = {"lora": {"method": "lora"}, "purecc": {"method": "purecc"},
+               "lora_preserve": {"method": "lora", "preserve": "class", "preserve_weight": 0.5}}
     results = run(methods, str(star_images), "<v1>", "star", tmp_path, model=str(tiny), steps=3, batch_size=2, repeats=1)
     assert (tmp_path / "stepcost.json").is_file() and (tmp_path / "purecc_stage1" / "DONE").is_file()
     for r in results.values():
@@ -89,6 +90,7 @@ def test_step_cost_measures_each_method_in_its_own_process(tiny, star_images, tm
     assert results["lora"]["time_vs_first"] == 1.0 and len(results["purecc"]["rounds"]) == 1
     assert len(results["purecc"]["rounds"][0]["paired_s"]) == 3
     assert results["purecc"]["method_args"]["stage"] == "2"  # stage 2 is what was timed
+    assert results["lora_preserve"]["preserve"] == "class" and results["lora"]["preserve"] == ""
 
 
 def test_adapter_switching_leaves_base_weights_bit_identical(tiny, star_images):
@@ -186,3 +188,104 @@ def test_learner_checkpointing_changes_memory_not_gradients(tiny, star_images):
     assert any(v.abs().sum() > 0 for v in grads[0].values())
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+
+
+def _stage2(tiny, star_images, **settings):
+    """A PureCC in stage 2 on the tiny model, with trained-looking adapters (LoRA's up matrices start at
+    zero, which would make every adapter state predict alike), and a recorder of its predictions."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from pristine.backbones import load_backbone
+    from pristine.data import ConceptImages, ConceptSpec, build_training_set, cache_latents
+    from pristine.methods.lora import lora_params
+    from pristine.methods.purecc import EXTRACTOR, LEARNER, PureCC, PureCCConfig
+
+    spec = ConceptSpec(str(star_images), "<v1>", "star")
+    backbone = load_backbone(str(tiny))
+    torch.manual_seed(0)  # the adapters' random initialisation: the same for every setting
+    m = PureCC(PureCCConfig(stage1_steps=1, learner_checkpointing=False, **settings), backbone, [spec])
+    m.setup()
+    with torch.no_grad():
+        for name in (EXTRACTOR, LEARNER):
+            for p in lora_params(backbone.unet, name).values():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    data = build_training_set([ConceptImages.load(spec)], 32)
+    cache_latents(data, backbone)
+    layers = [mod for mod in backbone.unet.modules() if isinstance(mod, BaseTunerLayer)]
+    calls = []
+    predict = backbone.predict
+
+    def recording(x_t, t, cond):
+        out = predict(x_t, t, cond)
+        calls.append({"rows": len(x_t), "grad": torch.is_grad_enabled(), "x": x_t, "t": t, "cond": cond, "out": out,
+                      "adapters_off": all(layer.disable_adapters for layer in layers),
+                      "active": {a for layer in layers if not layer.disable_adapters for a in layer.active_adapters}})
+        return out
+
+    backbone.predict = recording
+    g = torch.Generator().manual_seed(3)
+    batch = data.draw(2, g)
+    batch["step"] = 1
+    batch["noise"] = torch.randn(batch["latents"].shape, generator=g)  # fixed: runs of two settings compare
+    batch["timesteps"] = backbone.sample_timesteps(2, g)
+    return m, batch, g, calls
+
+
+def test_anchored_base_branch_is_the_original_model_in_the_frozen_forward(tiny, star_images):
+    from pristine.backbones import load_backbone
+    from pristine.methods.lora import lora_params
+    from pristine.methods.purecc import LEARNER
+
+    m, batch, g, calls = _stage2(tiny, star_images, base_branch="original", extractor_lora=False)
+    loss, logs = m.loss(batch, g)
+    assert logs["stage"] == 2
+    frozen = [c for c in calls if not c["grad"]]
+    learner = [c for c in calls if c["grad"]]
+    # one frozen forward (y_tar, ∅, y_base with every adapter off), one learner forward per sample
+    assert [c["rows"] for c in frozen] == [6] and frozen[0]["adapters_off"]
+    assert [c["rows"] for c in learner] == [2] and learner[0]["active"] == {LEARNER}
+    f_base = frozen[0]["out"][4:]
+    assert not f_base.requires_grad and f_base.grad_fn is None  # no gradient reaches the learner through it
+    # bit for bit the original model's prediction: the same inputs through a freshly loaded model
+    fresh = load_backbone(str(tiny))
+    with torch.no_grad():
+        original = fresh.predict(frozen[0]["x"], frozen[0]["t"], frozen[0]["cond"])
+    assert torch.equal(frozen[0]["out"], original)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params(m.backbone.unet, LEARNER).values())
+
+    # the authors' form for comparison: the learner predicts y_base too, in a batched pair
+    m, batch, g, calls = _stage2(tiny, star_images, base_branch="learner", extractor_lora=False)
+    m.loss(batch, g)
+    assert [c["rows"] for c in calls if c["grad"]] == [4] and [c["rows"] for c in calls if not c["grad"]] == [4]
+
+
+def test_extractor_lora_false_runs_r_with_every_adapter_off(tiny, star_images):
+    from pristine.methods.purecc import EXTRACTOR
+
+    m, batch, g, calls = _stage2(tiny, star_images, extractor_lora=False)
+    m.loss(batch, g)
+    frozen = [c for c in calls if not c["grad"]]
+    assert len(frozen) == 1 and frozen[0]["adapters_off"] and not frozen[0]["active"]
+    m, batch, g, calls = _stage2(tiny, star_images, extractor_lora=True)
+    m.loss(batch, g)
+    frozen = [c for c in calls if not c["grad"]]
+    assert len(frozen) == 1 and frozen[0]["active"] == {EXTRACTOR}
+    # anchored with the extractor's LoRA on: R and the original's y_base need two frozen forwards
+    m, batch, g, calls = _stage2(tiny, star_images, extractor_lora=True, base_branch="original")
+    m.loss(batch, g)
+    frozen = [c for c in calls if not c["grad"]]
+    assert [(c["rows"], c["active"]) for c in frozen] == [(4, {EXTRACTOR}), (2, set())]
+
+
+def test_base_preserve_weight_adds_the_learners_y_base_against_the_original(tiny, star_images):
+    m, batch, g, calls = _stage2(tiny, star_images, base_branch="original", base_preserve_weight=0.5)
+    loss, logs = m.loss(batch, g)
+    learner = [c for c in calls if c["grad"]]
+    assert [c["rows"] for c in learner] == [4]  # y_complete and y_base
+    frozen = [c for c in calls if not c["grad"]]
+    f_base = frozen[-1]["out"][-2:]
+    expected = (learner[0]["out"][2:].detach().float() - f_base.float()).pow(2).mean().item()
+    assert logs["l_base_preserve"] == pytest.approx(expected) and expected > 0
+    without, _ = _stage2(tiny, star_images, base_branch="original")[0].loss(batch, g)
+    assert loss.item() == pytest.approx(without.item() + 0.5 * expected, rel=1e-5)

@@ -174,7 +174,7 @@ def cmd_mini_card(args) -> None:
 # flag -> config key, for the flags that map one to one
 TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
                "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
-               "class_prompt", "checkpoint_every", "sample_every", "resume")
+               "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume")
 METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run")
 
 
@@ -260,14 +260,16 @@ def cmd_sample(args) -> None:
 
 
 def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
-    """--methods against MiniBench's budgets (the step-cost benchmark has no prior images)."""
-    from .eval.minibench import BUDGETS
+    """--methods: budgets, each maybe with changed settings (BUDGET@KEY=VALUE@...), checked before any
+    work; the step-cost benchmark has no prior images."""
+    from .eval.minibench import budget_settings
 
-    known = [k for k, b in BUDGETS.items() if with_prior or not b.get("prior_preservation")]
     methods = [m.strip() for m in text.split(",") if m.strip()]
     for m in methods:
-        if m not in known:
-            raise UsageError(f"--methods: {m!r} has no budget here; choose from {', '.join(known)}")
+        _, settings = budget_settings(m)
+        if settings.get("prior_preservation") and not with_prior:
+            raise UsageError(f"--methods: {m!r} uses prior preservation, which the step-cost benchmark has no images "
+                             "for; leave it out")
     return methods
 
 
@@ -289,23 +291,14 @@ def cmd_bench_steps(args) -> None:
     from .eval.minibench import TOKEN, budget_settings
     from .eval.stepcost import run
     from .world.concepts import get_concept
-    from .methods import get_method
     from .world.export import write_concept_folder
 
     methods = {}
-    for entry in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        # BUDGET@KEY=VALUE@...: a budget with some of its method's settings changed, measured as its own row
-        budget, *changes = entry.split("@")
-        _bench_methods(budget, with_prior=False)
-        name, settings = budget_settings(budget)
-        method_args = dict(settings.get("method_args", {}))
-        for change in changes:
-            key, sep, value = change.partition("=")
-            if not sep:
-                raise UsageError(f"--methods: {change!r} in {entry!r} is not KEY=VALUE")
-            method_args[key] = yaml_scalar(value)
-        get_method(name).Config.from_dict(method_args, where=f"--methods {entry}: method_args")
-        methods[entry] = {"method": name, "method_args": method_args}
+    for entry in _bench_methods(args.methods, with_prior=False):
+        # what shapes a step: the method and its settings, and output preservation
+        name, settings = budget_settings(entry)
+        methods[entry] = {"method": name, "method_args": settings.get("method_args", {}),
+                          **{k: settings[k] for k in ("preserve", "preserve_weight") if k in settings}}
     try:
         concept = get_concept(args.concept)
     except KeyError as e:
@@ -461,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--prior-weight", type=float)
     tr.add_argument("--num-class-images", type=_positive("--num-class-images"))
     tr.add_argument("--class-prompt")
+    tr.add_argument("--preserve", help="output preservation (lora, custom_diffusion, purecc): class (the caption with the "
+                    "class word for the token), unrelated (fixed world prompts) or a file of prompts, one per line")
+    tr.add_argument("--preserve-weight", type=float, help="weight of the output-preservation loss (default 1.0)")
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--use-8bit-adam", action="store_true")
     tr.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"))
@@ -496,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     bm = bench.add_parser("mini", help="MiniBench: methods on the Shapes world's held-out concepts, oracle-scored")
-    bm.add_argument("--methods", default="lora,textual_inversion,dreambooth,custom_diffusion")
+    bm.add_argument("--methods", default="lora,textual_inversion,dreambooth,custom_diffusion",
+                    help="budgets (minibench.BUDGETS); BUDGET@KEY=VALUE changes a setting, a row of its own, "
+                         "e.g. purecc_authors@base_branch=original")
     bm.add_argument("--concepts", default="dev", help="dev (12), final (4 kept apart), or concept names")
     bm.add_argument("--out", required=True)
     bm.add_argument("--quick", action="store_true",

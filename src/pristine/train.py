@@ -52,6 +52,8 @@ class TrainConfig:
     prior_weight: float = 1.0
     num_class_images: int = 100
     class_prompt: str = "a photo of a {cls}"
+    preserve: str = ""  # output preservation: "class", "unrelated" or a prompts file; "" off
+    preserve_weight: float = 1.0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     sample_every: int = 0
@@ -102,7 +104,8 @@ class TrainConfig:
                      "num_class_images"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "resolution", "seed", "weight_decay", "max_grad_norm", "prior_weight"):
+        for name in ("warmup_steps", "sample_every", "resolution", "seed", "weight_decay", "max_grad_norm", "prior_weight",
+                     "preserve_weight"):
             if not getattr(self, name) >= 0:  # also false for nan
                 raise UsageError(f"{where}.{name}: must be zero or more, got {getattr(self, name)}")
         if self.lr is None:
@@ -114,6 +117,23 @@ class TrainConfig:
             if fmt not in ("kohya",):
                 raise UsageError(f"{where}.export: unknown format {fmt!r}; extra formats: kohya")
         get_method(self.method).Config.from_dict(self.method_args, f"{where}.method_args")
+        if self.preserve:
+            self.output_preservation(f"{where}.")  # the source and the method, before any work
+
+    def output_preservation(self, prefix: str = "config."):
+        """The run's output preservation (None when off), its source read and checked; errors name
+        f"{prefix}preserve"."""
+        from .methods.base import OutputPreservation
+
+        if not self.preserve:
+            return None
+        refusal = get_method(self.method).preserve_refusal
+        if refusal:
+            raise UsageError(f"{prefix}preserve: {refusal}")
+        if not (self.preserve_weight > 0 and math.isfinite(self.preserve_weight)):
+            raise UsageError(f"{prefix}preserve_weight: must be positive with preserve, got {self.preserve_weight}; "
+                             "drop preserve to train without it")
+        return OutputPreservation.from_setting(self.preserve, self.preserve_weight, self.concepts, f"{prefix}preserve")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -359,6 +379,8 @@ def run_training(config: TrainConfig):
     size = config.resolution or backbone.image_size
     method = method_cls(method_config, backbone, config.concepts)
     groups = method.setup()  # checks the tokens: the run folder is made only once everything is valid
+    if config.preserve:  # before resuming: the base weights it keeps are the loaded ones
+        method.use_preservation(config.output_preservation())
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
         AcceleratorState._reset_state()  # a second run in one process (API, demo, benchmarks) with another precision

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
@@ -139,6 +140,36 @@ class Backbone(ABC):
         if not params:
             raise UsageError(f"the {self.family} model has no text key/value projections; custom_diffusion cannot apply")
         return params
+
+    @contextmanager
+    def original_denoiser(self, originals: dict[str, torch.Tensor] | None = None):
+        """The denoiser as it was loaded, for the forwards inside the block, on the same weights (no
+        second copy of the model): every adapter layer switched off, and `originals` (parameter name ->
+        its loaded value, for a method that trains base weights in place: Custom Diffusion's K/V) put
+        back in place of the trained values. On exit everything is as before.
+
+        Adapters are switched off by their flag alone: peft's `enable_adapters(False)` would also take
+        the trained adapter's `requires_grad` away. Parameters are swapped by their `.data`, which no
+        autograd graph records; run no gradient through the block."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        denoiser = self._unwrapped(self.denoiser)
+        layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        was_off = [layer._disable_adapters for layer in layers]
+        params = dict(denoiser.named_parameters()) if originals else {}
+        trained = {}
+        try:
+            for layer in layers:
+                layer._disable_adapters = True
+            for name, value in (originals or {}).items():
+                trained[name] = params[name].data
+                params[name].data = value
+            yield
+        finally:
+            for name, value in trained.items():
+                params[name].data = value
+            for layer, off in zip(layers, was_off):
+                layer._disable_adapters = off
 
     def save_lora(self, adapter: str, rank: int, alpha: float, targets: list[str], out_dir: Path) -> Path:
         """pytorch_lora_weights.safetensors in the layout this family's `load_lora_weights` reads,

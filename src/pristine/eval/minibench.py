@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ BUDGETS = {
     "lora_prior": dict(steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4},
                        prior_preservation=True, num_class_images=50, method="lora",
                        class_prompt="a {cls}"),  # Shapes-world captions never say "a photo of"
+    # output preservation: the caption with the class word for the token, weight 1 (ai-toolkit's choice)
+    "lora_preserve": dict(steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4}, method="lora",
+                          preserve="class", preserve_weight=1.0),
     "textual_inversion": dict(steps=300, batch_size=4, lr=5e-3),
     "dreambooth": dict(steps=300, batch_size=4, lr=5e-5),
     "custom_diffusion": dict(steps=300, batch_size=4, lr=1e-4),
@@ -45,17 +49,69 @@ BUDGETS = {
                                          "lambda_mode": "adaptive"}),
 }
 
+# The PureCC authors' settings (METHODS.md 1, read from their code): stage 1 400 steps at batch 4, LoRA
+# lr 1e-4, token lr 5e-3; stage 2 800 steps, lr 1e-4, constant, AdamW weight decay 1e-4; rank = alpha = 4.
+# LoRA gets them too, so that neither method is judged at the other's learning rate: the LoRA that is
+# the result trains as long as PureCC's learner (800 steps), with the learner's lr and the token's lr.
+# Our loop has one batch size and one weight decay per run: batch 4 and 1e-4 in both stages (the
+# authors' stage 2 runs at batch 1; their stage-1 weight decay is not stated).
+AUTHORS = dict(batch_size=4, lr=1e-4, lr_scheduler="constant", weight_decay=1e-4)
+BUDGETS.update({
+    "lora_authors": dict(steps=800, **AUTHORS, method="lora", method_args={"rank": 4, "alpha": 4, "token_lr": 5e-3}),
+    "lora_preserve_authors": dict(steps=800, **AUTHORS, method="lora", method_args={"rank": 4, "alpha": 4, "token_lr": 5e-3},
+                                  preserve="class", preserve_weight=1.0),
+    # the authors' form: the extractor is the token alone (R with every adapter off), the learner's y_base
+    "purecc_authors": dict(steps=1200, **AUTHORS, method="purecc",
+                           method_args={"rank": 4, "alpha": 4, "stage1_steps": 400, "stage1_lr": 1e-4, "token_lr": 5e-3,
+                                        "extractor_lora": False}),
+})
 
-def budget_settings(method: str, steps_per_stage: int | None = None) -> tuple[str, dict]:
+
+def budget_settings(entry: str, steps_per_stage: int | None = None) -> tuple[str, dict]:
     """(registered method name, TrainConfig settings) of a budget; `steps_per_stage` overrides the
-    steps, for each stage of a two-stage method (PureCC)."""
-    settings = dict(BUDGETS[method])
-    name = settings.pop("method", method)
+    steps, for each stage of a two-stage method (PureCC).
+
+    `BUDGET@KEY=VALUE@...` is the budget with settings changed, a row of its own
+    (`purecc_authors@base_branch=original`, `lora@preserve=unrelated`): KEY is one of the method's
+    settings, else a training setting. Bad entries are one UsageError naming the entry."""
+    import yaml
+
+    from ..errors import UsageError
+    from ..methods import get_method
+    from ..methods.base import _coerce
+    from ..train import TrainConfig
+
+    budget, *changes = entry.split("@")
+    if budget not in BUDGETS:
+        raise UsageError(f"--methods: {budget!r} has no budget here; choose from {', '.join(BUDGETS)}")
+    settings = dict(BUDGETS[budget])
+    name = settings.pop("method", budget)
+    settings["method_args"] = dict(settings.get("method_args", {}))
     if steps_per_stage:
-        two_stage = "stage1_steps" in settings.get("method_args", {})
+        two_stage = "stage1_steps" in settings["method_args"]
         settings["steps"] = 2 * steps_per_stage if two_stage else steps_per_stage
         if two_stage:
-            settings["method_args"] = {**settings["method_args"], "stage1_steps": steps_per_stage}
+            settings["method_args"]["stage1_steps"] = steps_per_stage
+    method = get_method(name)
+    method_keys = {f.name for f in dataclass_fields(method.Config)}
+    train_fields = {f.name: f for f in dataclass_fields(TrainConfig)}
+    for change in changes:
+        key, sep, text = change.partition("=")
+        if not sep:
+            raise UsageError(f"--methods: {change!r} in {entry!r} is not KEY=VALUE")
+        value = yaml.safe_load(text)
+        if key in method_keys:
+            settings["method_args"][key] = value
+        elif key in train_fields and key not in ("out", "model", "method", "method_args", "concepts", "resume"):
+            settings[key] = _coerce(value, train_fields[key].type, getattr(TrainConfig, key, None), f"--methods {entry}: {key}")
+        else:
+            raise UsageError(f"--methods {entry}: {key!r} is neither a {name} setting nor a training setting")
+    method.Config.from_dict(settings["method_args"], where=f"--methods {entry}: method_args")
+    if settings.get("preserve"):  # the source and the method, before anything is trained
+        TrainConfig(method=name, preserve=settings["preserve"], preserve_weight=settings.get("preserve_weight", 1.0),
+                    ).output_preservation(f"--methods {entry}: ")
+    if not settings["method_args"]:
+        del settings["method_args"]
     return name, settings
 
 
@@ -327,7 +383,8 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
     results = {
         "settings": {"methods": settings.methods, "concepts": [c.name for c in settings.concepts], "seeds": seeds,
                      "sample_steps": settings.sample_steps, "guidance": settings.guidance,
-                     "budgets": {m: BUDGETS[m] for m in settings.methods}, "train_steps": settings.train_steps},
+                     "budgets": {m: budget_settings(m, settings.train_steps)[1] for m in settings.methods},
+                     "train_steps": settings.train_steps},
         "summary": {m: summarize([r for r in records if r["method"] == m]) for m in settings.methods},
         "timings": timings,
         "records": records,

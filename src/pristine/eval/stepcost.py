@@ -53,7 +53,8 @@ class PeakMemory:
 
 
 def training_step(method: str, method_args: dict, images: str, token: str, class_word: str, model: str = "mini",
-                  batch_size: int = 4, seed: int = 0, gradient_checkpointing: bool = False):
+                  batch_size: int = 4, seed: int = 0, gradient_checkpointing: bool = False, preserve: str = "",
+                  preserve_weight: float = 1.0):
     """One method's optimizer step, built from the training loop's own pieces: the backbone, the
     method's parameters and loss, the optimizer, the cached training set. Returns step(k)."""
     from ..backbones import load_backbone
@@ -67,6 +68,9 @@ def training_step(method: str, method_args: dict, images: str, token: str, class
     cls = get_method(method)
     m = cls(cls.Config.from_dict(method_args), backbone, [spec])
     groups = m.setup()
+    if preserve:
+        m.use_preservation(TrainConfig(method=method, preserve=preserve, preserve_weight=preserve_weight,
+                                       concepts=[spec]).output_preservation())
     if gradient_checkpointing:
         backbone.denoiser.enable_gradient_checkpointing()
     config = TrainConfig(method=method, batch_size=batch_size, lr=1e-4)
@@ -109,7 +113,7 @@ def measure(steps: int = 30, warmup: int = 5, **job) -> dict:
             if k >= warmup:
                 times.append(time.perf_counter() - t)
     peak_above = (torch.cuda.max_memory_allocated() - base) if cuda else (mem.peak - base_rss)
-    return {"method": job["method"], "method_args": job["method_args"], "steps": steps, "batch_size": job.get("batch_size", 4),
+    return {"method": job["method"], "method_args": job["method_args"], "preserve": job.get("preserve", ""), "steps": steps, "batch_size": job.get("batch_size", 4),
             "s_per_step": statistics.median(times), "s_per_step_mean": statistics.fmean(times),
             "peak_bytes_above_loaded": int(peak_above), "peak_bytes_process": int(mem.peak),
             "device": "cuda" if cuda else "cpu", "threads": torch.get_num_threads()}
@@ -154,7 +158,8 @@ def run(methods: dict[str, dict], images: str, token: str, class_word: str, out:
             args.update(stage="2", stage1_run=str(stage1))
         jobs[name] = {"method": method, "method_args": args, "images": images, "token": token,
                       "class_word": class_word, "model": model, "batch_size": batch_size,
-                      "gradient_checkpointing": gradient_checkpointing}
+                      "gradient_checkpointing": gradient_checkpointing,
+                      **{k: spec[k] for k in ("preserve", "preserve_weight") if k in spec}}
 
     def subprocess_json(what: str, payload: dict):
         done = subprocess.run([sys.executable, "-m", "pristine.eval.stepcost", what, json.dumps(payload)],

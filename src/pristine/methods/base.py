@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -34,7 +35,11 @@ class MethodConfig:
         for name in cls.positive:
             if not getattr(config, name) > 0:
                 raise UsageError(f"{where}.{name}: must be positive, got {getattr(config, name)}")
+        config.check(where)
         return config
+
+    def check(self, where: str) -> None:
+        """A method's checks across its settings (choices, combinations); one UsageError naming the field."""
 
 
 def _coerce(value, type_name, default, where: str):
@@ -209,15 +214,97 @@ def draw_noise(backbone, latents: torch.Tensor, generator: torch.Generator,
 
 
 def denoising_loss(backbone, latents: torch.Tensor, cond: dict, generator: torch.Generator,
-                   weights: torch.Tensor | None = None, batch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain diffusion loss, per sample: (mean loss, per-sample losses)."""
+                   weights: torch.Tensor | None = None, batch: dict | None = None,
+                   predict: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain diffusion loss, per sample: (mean loss, per-sample losses). `predict(x_t, t, cond)`
+    replaces the backbone's (a method adding rows of its own to the same forward)."""
     noise, t = draw_noise(backbone, latents, generator, batch)
     x_t = backbone.add_noise(latents, noise, t)
-    pred = backbone.predict(x_t, t, cond)
+    pred = (predict or backbone.predict)(x_t, t, cond)
     per_sample = (pred.float() - backbone.target(latents, noise, t).float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
     if weights is not None:
         return (per_sample * weights).sum() / weights.sum(), per_sample
     return per_sample.mean(), per_sample
+
+
+# ---- output preservation ---------------------------------------------------------------------------
+#
+# For prompts whose pictures must not change, the trained model's prediction is pulled toward the
+# original model's for the same noisy input: || f_θ(x_t | p) - f_orig(x_t | p) ||². f_orig is the same
+# weights with every adapter switched off (Backbone.original_denoiser), in a forward without gradient.
+
+PRESERVE_SOURCES = ("class", "unrelated")  # or the path of a prompts file
+
+
+def class_prompt(caption: str, concepts) -> str:
+    """The caption with each concept's token replaced by its class word: 'a big <v1> star on grass' ->
+    'a big star on grass' (the token is dropped where the class word follows it), '<v1> on grass' ->
+    'star on grass'."""
+    for c in concepts:
+        caption = re.sub(rf"{re.escape(c.token)}\s+(?={re.escape(c.class_word)})", "", caption)
+        caption = caption.replace(c.token, c.class_word)
+    return re.sub(r"\s+", " ", caption).strip()
+
+
+def fixed_preservation_prompts(source: str, concepts, where: str = "preserve") -> list[str]:
+    """The fixed prompt set of a `preserve` setting: the world's unrelated prompts (none naming a
+    concept's class word), or a file's non-blank lines; [] for `class`, whose prompts come from each
+    batch's captions. Bad input is one UsageError naming `where`."""
+    from ..data import read_text_file
+
+    if source == "class":
+        return []
+    if source == "unrelated":
+        from ..world.captions import unrelated_prompts
+
+        classes = {c.class_word.lower() for c in concepts}
+        prompts = [p for p in unrelated_prompts() if not classes & set(re.findall(r"[a-z]+", p.lower()))]
+        if not prompts:
+            raise UsageError(f"{where}: every unrelated prompt names a concept's class; give a prompts file")
+        return prompts
+    path = Path(source)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "no such file"
+        raise UsageError(f"{where}: {source!r} is neither class, unrelated nor a prompts file ({what}); "
+                         "give class, unrelated, or a UTF-8 text file with one prompt per line")
+    lines = read_text_file(path).splitlines()
+    for n, line in enumerate(lines, 1):
+        named = [c.token for c in concepts if c.token in line]
+        if named:
+            raise UsageError(f"{where}: {path}:{n} names the token {named[0]!r}; preservation prompts are what must "
+                             "not change, so leave the concept out of them")
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"{where}: {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+@dataclass
+class OutputPreservation:
+    """What output preservation pulls toward the original model: for each instance example of a batch,
+    a prompt (its caption with the class word for the token, or one of a fixed set) and a weight."""
+
+    source: str  # "class", "unrelated" or a prompts file
+    weight: float
+    prompts: list[str] = field(default_factory=list)  # the fixed set (unrelated, a file)
+
+    @classmethod
+    def from_setting(cls, source: str, weight: float, concepts, where: str = "preserve") -> "OutputPreservation":
+        return cls(source, weight, fixed_preservation_prompts(source, concepts, where))
+
+    def rows(self, batch: dict, concepts) -> tuple[list[int], list[str]]:
+        """(rows of the batch, their preservation prompts): the instance examples (prior images are the
+        class already). A fixed set is walked in turn by the example's place in the step's whole batch,
+        so every process and a resumed run pick the same prompts."""
+        is_prior = batch.get("is_prior")
+        n = len(batch["prompts"])
+        rows = [i for i in range(n) if is_prior is None or not bool(is_prior[i])]
+        if self.source == "class":
+            return rows, [class_prompt(batch["prompts"][i], concepts) for i in rows]
+        positions = batch.get("positions")
+        positions = positions.tolist() if positions is not None else list(range(n))
+        start = batch.get("step", 0) * batch.get("global_size", n)
+        return rows, [self.prompts[(start + positions[i]) % len(self.prompts)] for i in rows]
 
 
 class Method:
@@ -227,10 +314,14 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     # True when prompts' text embeddings never change during training and can be cached
     frozen_text: ClassVar[bool] = False
+    # why output preservation cannot apply to this method; empty where it can
+    preserve_refusal: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig, backbone, concepts: list[ConceptSpec]):
         self.config, self.backbone, self.concepts = config, backbone, concepts
         self.tokens: TokenEmbeddings | None = None
+        self.preservation: OutputPreservation | None = None
+        self._original_weights: dict[str, torch.Tensor] = {}
 
     def setup(self) -> list[dict]:
         """Add adapters/tokens; return optimizer parameter groups."""
@@ -239,6 +330,60 @@ class Method:
     def trainable_denoiser_params(self) -> dict[str, torch.nn.Parameter]:
         """The denoiser weights this method trains, by name (checkpoints save exactly these)."""
         return {}
+
+    def base_weights_trained(self) -> dict[str, torch.nn.Parameter]:
+        """Base weights this method trains in place (Custom Diffusion's K/V), by denoiser parameter name:
+        output preservation keeps their loaded values to put back for the original's prediction."""
+        return {}
+
+    def use_preservation(self, preservation: OutputPreservation, where: str = "preserve") -> None:
+        """Output preservation from here on; called after setup, before any training or resuming, so the
+        values kept of base weights trained in place are the loaded ones."""
+        if self.preserve_refusal:
+            raise UsageError(f"{where}: {self.preserve_refusal}")
+        self.preservation = preservation
+        self._original_weights = {n: p.detach().clone() for n, p in self.base_weights_trained().items()}
+
+    def preservation_targets(self, x_t: torch.Tensor, t: torch.Tensor, batch: dict) -> dict | None:
+        """This batch's preservation rows: noisy inputs (the examples' own), conditioning, and the original
+        model's prediction (adapters off, no gradient); None without output preservation."""
+        if self.preservation is None:
+            return None
+        rows, prompts = self.preservation.rows(batch, self.concepts)
+        if not rows:
+            return None
+        index = torch.tensor(rows, device=x_t.device)
+        x, tt = x_t[index], t[index]
+        cond = self.encode_fixed(prompts)
+        with torch.no_grad(), self.backbone.original_denoiser(self._original_weights):
+            original = self.backbone.predict(x, tt, cond)
+        return {"x": x, "t": tt, "cond": cond, "original": original}
+
+    def predict_preserving(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
+                           preserve: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The active model's prediction; with `preserve` (preservation_targets) its rows join the same
+        forward and the second value is || f_θ(p) - f_orig(p) ||² over them."""
+        if preserve is None:
+            return self.backbone.predict(x_t, t, cond), None
+        n = len(x_t)
+        both = {k: torch.cat([cond[k], preserve["cond"][k]]) for k in cond}
+        out = self.backbone.predict(torch.cat([x_t, preserve["x"]]), torch.cat([t, preserve["t"]]), both)
+        return out[:n], (out[n:].float() - preserve["original"].float()).pow(2).mean()
+
+    def denoise(self, latents: torch.Tensor, cond: dict, generator: torch.Generator, batch: dict,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The plain diffusion loss of the active model plus output preservation's weighted term:
+        (loss, per-sample diffusion losses, logs)."""
+        preserved = {}
+
+        def predict(x_t, t, c):
+            pred, preserved["loss"] = self.predict_preserving(x_t, t, c, self.preservation_targets(x_t, t, batch))
+            return pred
+
+        loss, per_sample = denoising_loss(self.backbone, latents, cond, generator, weights, batch, predict=predict)
+        if preserved.get("loss") is None:
+            return loss, per_sample, {}
+        return loss + self.preservation.weight * preserved["loss"], per_sample, {"preserve": preserved["loss"].item()}
 
     def token_group(self, lr: float | None = None) -> dict:
         """The optimizer group of the new tokens' rows: no weight decay, so no other row ever moves."""
@@ -265,9 +410,21 @@ class Method:
     def encode(self, prompts: list[str]) -> dict:
         if self.tokens is not None:
             prompts = [self.tokens.prompt(p) for p in prompts]
-        if (self.tokens is not None and self.tokens.trainable) or any(
-                p.requires_grad for te in self.backbone.text_encoders for p in te.parameters()):
+        if (self.tokens is not None and self.tokens.trainable) or self._text_encoders_train():
             return self.backbone.encode_prompts(prompts)
+        return self._encode_once(prompts)
+
+    def encode_fixed(self, prompts: list[str]) -> dict:
+        """Prompts that name no new token: their encoding does not depend on the tokens' rows, so with
+        frozen text encoders each is encoded once, even while the tokens learn."""
+        if self._text_encoders_train():
+            return self.backbone.encode_prompts(prompts)
+        return self._encode_once(prompts)
+
+    def _text_encoders_train(self) -> bool:
+        return any(p.requires_grad for te in self.backbone.text_encoders for p in te.parameters())
+
+    def _encode_once(self, prompts: list[str]) -> dict:
         # the text side is frozen: each prompt is encoded once
         cache = self.__dict__.setdefault("_text_cache", {})
         missing = sorted(set(prompts) - set(cache))
@@ -281,9 +438,7 @@ class Method:
     def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         cond = self.encode(batch["prompts"])
         weights = torch.where(batch["is_prior"], torch.tensor(prior_weight), torch.tensor(1.0))
-        loss, per_sample = denoising_loss(self.backbone, batch["latents"], cond, generator, weights.to(batch["latents"].device),
-                                          batch)
-        logs = {}
+        loss, per_sample, logs = self.denoise(batch["latents"], cond, generator, batch, weights.to(batch["latents"].device))
         if batch["is_prior"].any():
             logs["prior"] = per_sample[batch["is_prior"]].mean().item()
         return loss, logs

@@ -38,6 +38,9 @@ class CustomDiffusion(Method):
     def trainable_denoiser_params(self):
         return self.backbone.text_kv_params()
 
+    def base_weights_trained(self):
+        return self.backbone.text_kv_params()  # trained in place: preservation keeps their loaded values
+
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         path = out_dir / WEIGHTS
         atomic_save({k: v.float() for k, v in self.backbone.text_kv_params().items()}, path,

@@ -22,6 +22,9 @@ class DreamBooth(Method):
     name = "dreambooth"
     Config = DreamBoothConfig
     default_lr = 2e-5
+    preserve_refusal = ("dreambooth fine-tunes the whole denoiser, so the original's prediction would need a second "
+                        "copy of the model; use --method lora (DreamBooth with LoRA) for --preserve, or "
+                        "--prior-preservation with dreambooth")
 
     def setup(self) -> list[dict]:
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)

@@ -10,6 +10,11 @@ Stage 2 trains a fresh LoRA θ2 ("learner") on the same copy of the base weights
 
 Both stages run in one training loop: the first `stage1_steps` steps are stage 1. θ1 and θ2 are two
 peft adapters on one denoiser; the active one is switched, the base weights are never copied.
+
+Anchored variant (ours, not the paper's nor the authors' code): with `base_branch=original` the y_base
+prediction is the original model's (adapters off, no gradient), f_orig(x_t | y_base), computed in the
+frozen forward that gives R; the learner then predicts y_complete alone. `base_preserve_weight` adds
+|| f_θ2(x_t | y_base) - f_orig(x_t | y_base) ||², for which the learner predicts y_base as well.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import UsageError
-from .base import Method, MethodConfig, TokenEmbeddings, denoising_loss, draw_noise, register
+from .base import Method, MethodConfig, TokenEmbeddings, draw_noise, register
 from .lora import AdapterSwitch, LoraConfig, add_lora, lora_params, save_lora
 
 EXTRACTOR, LEARNER = "extractor", "learner"
@@ -45,10 +50,31 @@ class PureCCConfig(MethodConfig):
     stop_grad_base: bool = False  # the authors' code lets gradients flow through the y_base branch
     # the batched learner forward keeps activations for two predictions per sample; recomputing them
     # block by block in the backward pass keeps stage 2's memory near a LoRA step's, for more time
-    # (same gradients; ignored with stop_grad_base, which keeps one prediction's activations anyway)
+    # (same gradients; ignored where the learner predicts y_complete alone: stop_grad_base, or
+    # base_branch=original without base_preserve_weight)
     learner_checkpointing: bool = True
+    # where f(y_base) comes from: "learner" (the paper, the authors' code) or "original" (ours: the
+    # original model, adapters off, no gradient, batched with R's forward)
+    base_branch: str = "learner"
+    base_preserve_weight: float = 0.0  # base_branch=original: weight of || f_θ2(y_base) - f_orig(y_base) ||²
 
     positive: ClassVar[tuple[str, ...]] = ("stage1_steps", "rank", "alpha", "stage1_lr", "token_lr", "lambda_max")
+
+    def check(self, where: str) -> None:
+        if self.stage not in ("1", "2", "both"):
+            raise UsageError(f"{where}.stage: {self.stage!r} is not one of 1, 2, both")
+        if self.lambda_mode not in ("fixed", "adaptive"):
+            raise UsageError(f"{where}.lambda_mode: {self.lambda_mode!r} is not fixed or adaptive")
+        if self.base_branch not in ("learner", "original"):
+            raise UsageError(f"{where}.base_branch: {self.base_branch!r} is not learner or original")
+        if not self.base_preserve_weight >= 0:
+            raise UsageError(f"{where}.base_preserve_weight: must be zero or more, got {self.base_preserve_weight}")
+        if self.base_preserve_weight > 0 and self.base_branch != "original":
+            raise UsageError(f"{where}.base_preserve_weight: applies with base_branch=original (it reuses that "
+                             "branch's original prediction); set base_branch=original, or use --preserve class")
+        if self.stop_grad_base and self.base_branch == "original":
+            raise UsageError(f"{where}.stop_grad_base: applies to base_branch=learner (the original branch has no "
+                             "gradient anyway); drop one of the two")
 
 
 def derive_prompts(prompt: str, token: str, class_word: str) -> tuple[str, str, str]:
@@ -88,10 +114,7 @@ class PureCC(Method):
 
     def setup(self) -> list[dict]:
         c = self.config
-        if c.stage not in ("1", "2", "both"):
-            raise UsageError(f"method_args.stage: {c.stage!r} is not one of 1, 2, both")
-        if c.lambda_mode not in ("fixed", "adaptive"):
-            raise UsageError(f"method_args.lambda_mode: {c.lambda_mode!r} is not fixed or adaptive")
+        c.check("method_args")  # a config built without from_dict (the Python API) is checked too
         if c.stage == "2" and not c.stage1_run:
             raise UsageError("method_args.stage1_run: stage 2 alone needs a finished stage-1 run folder")
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)
@@ -134,8 +157,8 @@ class PureCC(Method):
     def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         if self.in_stage1(batch["step"]):
             self.switch.use(EXTRACTOR)
-            loss, _ = denoising_loss(self.backbone, batch["latents"], self.encode(batch["prompts"]), generator, batch=batch)
-            return loss, {"stage": 1}
+            loss, _, logs = self.denoise(batch["latents"], self.encode(batch["prompts"]), generator, batch)
+            return loss, {"stage": 1, **logs}
         if self.tokens.trainable:  # stage 2 of a two-stage run: the token is final from here on,
             self.tokens.freeze()  # so prompts are encoded once and cached
         return self.stage2_loss(batch, generator)
@@ -152,34 +175,56 @@ class PureCC(Method):
             cond = self.encode([y[0] for y in triples] + [y[1] for y in triples] + [y[2] for y in triples] + [""] * n)
         cond_c, cond_b, cond_tar, cond_null = ({k: v[i * n:(i + 1) * n] for k, v in cond.items()} for i in range(4))
 
-        def pair(a, b):
-            return {k: torch.cat([a[k], b[k]]) for k in a}
+        def cat(*conds):
+            return {k: torch.cat([d[k] for d in conds]) for k in conds[0]}
 
-        x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
-        with torch.no_grad():  # the extractor's two predictions, one batched forward
+        def rep(k):  # the same noisy inputs for k prompts, one batched forward
+            return torch.cat([x_t] * k), torch.cat([t] * k)
+
+        anchored = c.base_branch == "original"
+        with torch.no_grad():  # the frozen predictions: the extractor's (y_tar, ∅), anchored the original's y_base
             self.switch.use(EXTRACTOR if c.extractor_lora else None, trainable=False)
-            f_tar, f_null = bb.predict(x2, t2, pair(cond_tar, cond_null)).chunk(2)
+            if anchored and not c.extractor_lora:  # all three with adapters off: one forward
+                f_tar, f_null, f_base = bb.predict(*rep(3), cat(cond_tar, cond_null, cond_b)).chunk(3)
+            else:
+                f_tar, f_null = bb.predict(*rep(2), cat(cond_tar, cond_null)).chunk(2)
+                if anchored:  # the extractor's LoRA is on for R, off for the original: a second forward
+                    self.switch.use(None, trainable=False)
+                    f_base = bb.predict(x_t, t, cond_b)
             r = f_tar - f_null
+        preserve = self.preservation_targets(x_t, t, batch)  # output preservation (--preserve), when on
         self.switch.use(LEARNER)
-        if (c.learner_checkpointing and not c.stop_grad_base and not self._checkpointing_on
+        # the learner predicts y_base too, with gradient: two predictions' activations per sample
+        learner_base = c.base_preserve_weight > 0 if anchored else not c.stop_grad_base
+        if (c.learner_checkpointing and learner_base and not self._checkpointing_on
                 and hasattr(bb.denoiser, "enable_gradient_checkpointing")):
             # once, on the first stage-2 step (it walks every module); no effect on forwards without
-            # gradient (the extractor, sampling); with stop_grad_base the learner keeps one
+            # gradient (the extractor, sampling); a learner predicting y_complete alone keeps one
             # prediction's activations, as LoRA does, and needs no recomputing
             bb.denoiser.enable_gradient_checkpointing()
             self._checkpointing_on = True
-        if c.stop_grad_base:
-            pred_c = bb.predict(x_t, t, cond_c)
-            with torch.no_grad():
-                pred_b = bb.predict(x_t, t, cond_b)
-        else:  # the learner's two predictions, one batched forward
-            pred_c, pred_b = bb.predict(x2, t2, pair(cond_c, cond_b)).chunk(2)
+        if learner_base:  # the learner's two predictions, one batched forward
+            both, l_preserve = self.predict_preserving(*rep(2), cat(cond_c, cond_b), preserve)
+            pred_c, pred_b = both.chunk(2)
+        else:
+            pred_c, l_preserve = self.predict_preserving(x_t, t, cond_c, preserve)
+            if not anchored:  # stop_grad_base
+                with torch.no_grad():
+                    pred_b = bb.predict(x_t, t, cond_b)
+        base = f_base if anchored else pred_b
         target = bb.target(x0, noise, t)
         if c.lambda_mode == "adaptive":
-            lam = adaptive_lambda((pred_c - pred_b).detach(), r, c.lambda_max)
+            lam = adaptive_lambda((pred_c - base).detach(), r, c.lambda_max)
         else:
             lam = c.lambda_value
-        loss, logs = purecc_losses(pred_c.float(), pred_b.float(), target.float(), r.float(), c.eta, lam)
+        loss, logs = purecc_losses(pred_c.float(), base.float(), target.float(), r.float(), c.eta, lam)
+        if anchored and c.base_preserve_weight > 0:
+            l_base = (pred_b.float() - f_base.float()).pow(2).mean()
+            loss = loss + c.base_preserve_weight * l_base
+            logs["l_base_preserve"] = l_base.item()
+        if l_preserve is not None:
+            loss = loss + self.preservation.weight * l_preserve
+            logs["preserve"] = l_preserve.item()
         return loss, {"stage": 2, **logs}
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:

@@ -122,3 +122,28 @@ def caption(
         else:
             text = _pick(rng, STYLE_PREFIX[style]) + text
     return text
+
+
+ACROSS = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+def unrelated_prompts() -> list[str]:
+    """A fixed set of 24 world prompts (output preservation's `unrelated`): every shape, color and
+    background, both sizes and base styles, a third of them with a second object, in the canonical
+    phrasing. They are built from the vocabulary by rule, and none is one of MiniBench's pollution
+    prompts (a test checks it), so preserving them does not train on what the benchmark measures."""
+    from . import vocab
+
+    prompts = []
+    for i in range(24):
+        two = i % 3 == 2  # a small second object across the picture
+        position = vocab.POSITIONS[(2 * i + 1) % 5]
+        if two and position == "center":
+            position = "right"
+        objects = [WorldObject(vocab.SHAPES[i % 8], vocab.COLOR_NAMES[(3 * i + i // 8) % 8],
+                               "small" if two else vocab.SIZES[(i // 2) % 2], position, vocab.BASE_PATTERNS[(i // 3) % 4])]
+        if two:
+            objects.append(WorldObject(vocab.SHAPES[(i + 3) % 8], vocab.COLOR_NAMES[(5 * i + 2) % 8], "small",
+                                       ACROSS[position]))
+        prompts.append(caption(Scene(tuple(objects), vocab.BACKGROUNDS[(5 * i + 3) % 8], vocab.BASE_STYLES[int(i % 6 == 5)])))
+    return prompts
