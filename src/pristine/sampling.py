@@ -81,6 +81,8 @@ class Guide:
             raise UsageError(f"{where}: prompt and adapter are text; got {prompt!r} and {adapter!r}")
         if adapter in ("original", "none"):
             adapter = ""
+        if adapter and not Path(adapter).is_dir():
+            raise UsageError(f"{where}: adapter {adapter}: no such run folder; give a folder written by `pristine train`")
         return cls(prompt=prompt, weight=weight, adapter=adapter)
 
 
@@ -125,17 +127,49 @@ class SampleSettings:
             raise UsageError(f"{where}.scheduler: {self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         if not self.guides:
             raise UsageError(f"{where}.guides: none given; give at least one (--guide adapter=RUN,prompt=TEXT,w=NUMBER)")
-        slots = any(PROMPT_SLOT in g.prompt for g in self.guides)
-        if slots and not self.prompts:
-            raise UsageError(f"{where}: a guide's prompt is {PROMPT_SLOT} (the default) but no --prompt is given; "
-                             "give --prompt TEXT or prompt=TEXT in every guide")
-        for g in self.guides:
-            if g.adapter and not Path(g.adapter).is_dir():
-                raise UsageError(f"{where}: adapter {g.adapter}: no such run folder; give a folder written by `pristine train`")
+        for i, g in enumerate(self.guides):
+            if g.adapter:
+                # every run checked before any model loads
+                read_run(g.adapter, f"--guide {i + 1}" if where == "flags" else f"{where}.guides[{i}]")
 
     def rows(self) -> list[str]:
-        """The grid's rows: one per --prompt, or a single one when no guide reads {prompt}."""
-        return list(self.prompts) if any(PROMPT_SLOT in g.prompt for g in self.guides) else [self.prompts[0] if self.prompts else ""]
+        """The grid's rows: one per --prompt (none given: one row, {prompt} is the empty prompt), or a
+        single one when no guide reads {prompt}."""
+        if self.prompts and any(PROMPT_SLOT in g.prompt for g in self.guides):
+            return list(self.prompts)
+        return [self.prompts[0] if self.prompts else ""]
+
+
+def read_run(path: str | Path, where: str = "--guide") -> dict:
+    """A finished run folder's saved settings (config.yaml), its safetensors files checked: a bad run is
+    one line naming it before any model loads."""
+    import yaml
+
+    from .files import check_safetensors
+
+    run = Path(path)
+    if not run.is_dir():
+        raise UsageError(f"{where}: adapter {path}: no such run folder; give a folder written by `pristine train`")
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise UsageError(f"{where}: adapter {path} has no config.yaml, so it is no pristine run; give a folder "
+                         "written by `pristine train`")
+    try:
+        settings = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        settings = None
+    if not isinstance(settings, dict) or not isinstance(settings.get("method"), str):
+        raise UsageError(f"{where}: {saved} is unreadable (no method); the run folder is damaged, train it again")
+    if not (run / "DONE").is_file():
+        raise UsageError(f"{where}: adapter {path} is not finished (no DONE); resume it with `pristine train ... "
+                         "--resume latest` first")
+    for f in sorted(run.glob("*.safetensors")):
+        check_safetensors(f, "--adapter")
+    if (run / "model" / "model_index.json").is_file():
+        from .files import check_model_weights
+
+        check_model_weights(run / "model", False)
+    return settings
 
 
 # ---- denoisers: what a guidance term predicts with --------------------------------------------------
@@ -220,7 +254,13 @@ class Models:
         self._copies: dict[str, object] = {}
         self._runs: dict[str, Denoiser] = {}
         self._tokens: dict[tuple[int, str], str] = {}  # (copy, token) -> the run that brought it
-        self.original = Denoiser(self.backbone())
+
+    @property
+    def original(self) -> Denoiser:
+        """The frozen original (loaded on first use, after every run was checked)."""
+        if "_original" not in self.__dict__:
+            self._original = Denoiser(self.backbone())
+        return self._original
 
     def backbone(self, folder: str | Path | None = None):
         """The loaded copy of a model folder (default: the original), loaded on first use."""
@@ -243,29 +283,13 @@ class Models:
 
     def run(self, path: str | Path, where: str = "--guide") -> Denoiser:
         """A run folder's denoiser, built by its method's inference side from the run's saved settings."""
-        import yaml
-
         from .methods import get_method
 
         run = Path(path)
         key = str(run.resolve())
         if key in self._runs:
             return self._runs[key]
-        if not run.is_dir():
-            raise UsageError(f"{where}: adapter {path}: no such run folder; give a folder written by `pristine train`")
-        saved = run / "config.yaml"
-        if not saved.is_file():
-            raise UsageError(f"{where}: adapter {path} has no config.yaml, so it is no pristine run; give a folder "
-                             "written by `pristine train`")
-        try:
-            settings = yaml.safe_load(saved.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, yaml.YAMLError):
-            settings = None
-        if not isinstance(settings, dict) or not isinstance(settings.get("method"), str):
-            raise UsageError(f"{where}: {saved} is unreadable (no method); the run folder is damaged, train it again")
-        if not (run / "DONE").is_file():
-            raise UsageError(f"{where}: adapter {path} is not finished (no DONE); resume it with `pristine train ... "
-                             "--resume latest` first")
+        settings = read_run(run, where)
         method = get_method(settings["method"])
         denoiser = method.load_denoiser(run, settings, self)
         denoiser.method = method
