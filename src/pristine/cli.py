@@ -310,6 +310,22 @@ def cmd_bench_mini(args) -> None:
     print(f"report: {run_bench(Path(args.out), settings)}")
 
 
+def cmd_bench_domain(args) -> None:
+    from .eval.domainbench import BUDGETS, DomainSettings, run_domain_bench, table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in BUDGETS:
+            raise UsageError(f"--methods: {m!r} is no row of the domain task; choose from {', '.join(BUDGETS)}")
+    quick = args.quick
+    settings = DomainSettings(methods, images=args.images or (16 if quick else 200), prompts=args.prompts or (3 if quick else 12),
+                              seeds=args.seeds or (1 if quick else 4), sample_steps=args.sample_steps or (10 if quick else 30),
+                              s_c=args.s_c, s_ctrl=args.s_ctrl, train_steps=args.train_steps or (20 if quick else None))
+    path = run_domain_bench(Path(args.out), settings)
+    print(table(json.loads(path.read_text())))
+    print(f"written to {path}")
+
+
 def cmd_bench_steps(args) -> None:
     from .eval.minibench import TOKEN, budget_settings
     from .eval.stepcost import run
@@ -536,6 +552,19 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
     bm.set_defaults(func=cmd_bench_mini)
+    bd = bench.add_parser("domain", help="MiniBench's domain task: the held-out style retro from its uncaptioned set "
+                                         "(trigger LoRA, trigger DreamBooth, concept model + GCFG)")
+    bd.add_argument("--methods", default="lora_trigger,dreambooth_trigger,concept_centric")
+    bd.add_argument("--out", required=True)
+    bd.add_argument("--quick", action="store_true", help="a smoke run: 16 images, 3 prompts, 1 seed, 20 training steps")
+    bd.add_argument("--images", type=_positive("--images"), help="training pictures of the domain (default 200)")
+    bd.add_argument("--prompts", type=_positive("--prompts"), help="control prompts (default 12)")
+    bd.add_argument("--seeds", type=_positive("--seeds"))
+    bd.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    bd.add_argument("--train-steps", type=_positive("--train-steps"))
+    bd.add_argument("--s-c", type=float, default=2.5, help="GCFG weight of the concept model (default 2.5)")
+    bd.add_argument("--s-ctrl", type=float, default=2.5, help="GCFG weight of the control prompt (default 2.5)")
+    bd.set_defaults(func=cmd_bench_domain)
     bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
     bs.add_argument("--methods", default="lora,purecc,purecc_adaptive",
                     help="budgets, the first is the reference; BUDGET@KEY=VALUE changes a setting, e.g. purecc@learner_checkpointing=false")
