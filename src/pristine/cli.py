@@ -251,9 +251,12 @@ def sample_settings_from_args(args):
             raise UsageError("--adapter and --guidance are the one-term shorthand; with --guide give adapter= and w= "
                              "inside each --guide")
         values["guides"] = [Guide.parse(text, f"--guide {i + 1}") for i, text in enumerate(args.guide)]
-    elif not values.get("guides"):
+    elif not values.get("guides"):  # ordinary CFG with the run: its own ∅, as its diffusers pipeline samples it
         values["guides"] = [Guide.from_dict({"adapter": args.adapter or "", "w": 5.0 if args.guidance is None else args.guidance},
                                             "--adapter")]
+        values["unconditional"] = args.adapter or ""
+    if args.unconditional is not None:
+        values["unconditional"] = "" if args.unconditional in ("original", "") else args.unconditional
     return SampleSettings.from_dict(values, where)
 
 
@@ -529,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--guide", action="append",
                     help="a guidance term 'adapter=RUN,prompt=TEXT,w=NUMBER' (repeatable; no adapter: the original; "
                          "negative w: a negative prompt; {prompt} in TEXT: each --prompt)")
+    sa.add_argument("--unconditional", help="the run whose f(∅) the guidance starts from (default: the frozen original "
+                                           "with --guide, the run itself with --adapter)")
     sa.add_argument("--prompt", action="append", help="a grid row's prompt (repeatable)")
     sa.add_argument("--n", type=_positive("--n"), help="images per prompt (default 4)")
     sa.add_argument("--out", required=True, help="the grid, a .png")

@@ -98,10 +98,13 @@ class SampleSettings:
     steps: int = 50
     scheduler: str = "ddim"
     allow_pickle: bool = False
+    # where f(∅) comes from: empty, the frozen original (GCFG); a run folder, that run's own ∅ (ordinary
+    # CFG with a customized model, as its diffusers pipeline samples it: `--adapter`)
+    unconditional: str = ""
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "SampleSettings":
-        known = {"guides", "prompts", "model", "n", "seed", "steps", "scheduler", "allow_pickle"}
+        known = {"guides", "prompts", "model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional"}
         for key in values:
             if key not in known:
                 raise UsageError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
@@ -114,7 +117,8 @@ class SampleSettings:
         settings = cls(guides=[g if isinstance(g, Guide) else Guide.from_dict(g, f"{where}.guides[{i}]")
                                for i, g in enumerate(guides)],
                        prompts=[str(p) for p in prompts],
-                       **{k: values[k] for k in ("model", "n", "seed", "steps", "scheduler", "allow_pickle") if k in values})
+                       **{k: values[k] for k in ("model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional")
+                          if k in values})
         settings.validate(where)
         return settings
 
@@ -127,6 +131,8 @@ class SampleSettings:
             raise UsageError(f"{where}.scheduler: {self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         if not self.guides:
             raise UsageError(f"{where}.guides: none given; give at least one (--guide adapter=RUN,prompt=TEXT,w=NUMBER)")
+        if self.unconditional:
+            read_run(self.unconditional, f"{where}.unconditional")
         for i, g in enumerate(self.guides):
             if g.adapter:
                 # every run checked before any model loads
@@ -354,7 +360,10 @@ def make_scheduler(backbone, name: str):
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}.get(name)
     if cls is None:
         raise UsageError(f"--scheduler {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
-    return cls.from_config(backbone.scheduler.config)
+    # the config as the family's pipeline holds it: its constructor mends outdated ones (steps_offset)
+    if "_pipeline_scheduler_config" not in backbone.__dict__:
+        backbone._pipeline_scheduler_config = backbone.pipeline().scheduler.config
+    return cls.from_config(backbone._pipeline_scheduler_config)
 
 
 class GuidedSampler:
@@ -363,7 +372,7 @@ class GuidedSampler:
 
     def __init__(self, unconditional: Denoiser, scheduler: str = "ddim"):
         self.unconditional, self.scheduler_name = unconditional, scheduler
-        self.backbone = unconditional.backbone  # the frozen original: noise shape, scheduler, VAE
+        self.backbone = unconditional.backbone  # noise shape, scheduler, VAE (the frozen original's by default)
 
     def forward_group(self, denoiser: Denoiser, x: torch.Tensor, t, conds: list[dict]) -> list[torch.Tensor]:
         """One batched forward for terms sharing a denoiser's weights and adapters."""
@@ -420,14 +429,14 @@ class GuidedSampler:
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def sampler_for(models: Models, denoisers: list[Denoiser], scheduler: str) -> GuidedSampler:
-    """The engine, or the one sampler class a term's method brings."""
+def sampler_for(models: Models, denoisers: list[Denoiser], scheduler: str, unconditional: Denoiser | None = None) -> GuidedSampler:
+    """The engine, or the one sampler class a term's method brings; ∅ from `unconditional` (default: the original)."""
     classes = {d.method.sampler for d in denoisers if getattr(getattr(d, "method", None), "sampler", None)}
     if len(classes) > 1:
         raise UsageError(f"--guide: the runs bring different samplers ({', '.join(c.__name__ for c in classes)}); "
                          "sample them in separate commands")
     cls = classes.pop() if classes else GuidedSampler
-    return cls(models.original, scheduler)
+    return cls(unconditional or models.original, scheduler)
 
 
 def sample(settings: SampleSettings | None = None, models: Models | None = None, desc: str = "sample",
@@ -440,7 +449,8 @@ def sample(settings: SampleSettings | None = None, models: Models | None = None,
     settings = settings or SampleSettings.from_dict(values, "sample()")
     models = models or Models(settings.model, settings.allow_pickle)
     denoisers = [models.run(g.adapter) if g.adapter else models.original for g in settings.guides]
-    engine = sampler_for(models, denoisers, settings.scheduler)
+    unconditional = models.run(settings.unconditional) if settings.unconditional else None
+    engine = sampler_for(models, denoisers, settings.scheduler, unconditional)
     rows = settings.rows()
     out = []
     for row in tqdm(rows, desc=desc, disable=len(rows) < 2):

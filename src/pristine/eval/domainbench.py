@@ -102,6 +102,11 @@ def _guides(method: str, run: Path, prompt: str, settings: DomainSettings, domai
     return [Guide(adapter=str(run), prompt=text, weight=settings.guidance)]
 
 
+def _unconditional(method: str, run: Path | None) -> str:
+    """The trigger baselines sample as their pipelines do (their own ∅); GCFG takes ∅ from the frozen original."""
+    return str(run) if method != "original" and BUDGETS[method]["method"] != "concept_centric" else ""
+
+
 def run_domain_bench(out: Path, settings: DomainSettings) -> Path:
     """Train (resumable: finished runs are kept), draw and score every method; results.json and a table."""
     from .. import mini
@@ -121,7 +126,8 @@ def run_domain_bench(out: Path, settings: DomainSettings) -> Path:
         images, t0 = [], time.perf_counter()
         for p in for_prompts if for_prompts is not None else prompts:
             rows = sample(SampleSettings(guides=_guides(method, run, p, settings, domain_on), prompts=[p],
-                                         n=settings.seeds, steps=settings.sample_steps), models, desc=method)
+                                         n=settings.seeds, steps=settings.sample_steps,
+                                         unconditional=_unconditional(method, run)), models, desc=method)
             images.extend(rows[0])
         return images, (time.perf_counter() - t0) / max(1, len(images))
 
