@@ -64,6 +64,23 @@ def test_one_term_gcfg_with_a_lora_run_gives_the_pipeline_pictures(tiny, lora_ru
     assert not np.array_equal(ours, gcfg) and not np.array_equal(gcfg, original)
 
 
+def test_one_term_gcfg_on_sdxl_gives_its_pipeline_pictures_and_flow_families_keep_the_pipeline(tmp_path, capsys):
+    from tiny_families import build_tiny_flux, build_tiny_sdxl
+
+    from pristine.sample import generate, load_pipeline
+    from pristine.sampling import Guide, sample
+
+    sdxl = build_tiny_sdxl(tmp_path / "sdxl")  # its ∅ is zeros (force_zeros_for_empty_prompt), not "" encoded
+    reference = np.stack(generate(load_pipeline(str(sdxl)), ["a star"] * 2, [0, 1], steps=3, guidance=5.0))
+    assert np.array_equal(reference, np.stack(sample(model=str(sdxl), guides=[Guide(prompt="a star", weight=5.0)],
+                                                     n=2, steps=3)[0]))
+    flux = build_tiny_flux(tmp_path / "flux")
+    out = tmp_path / "f.png"
+    assert _cli(capsys, "sample", "--model", str(flux), "--prompt", "a star", "--n", "1", "--steps", "2", "--out", str(out))[0] == 0
+    code, err = _cli(capsys, "sample", "--model", str(flux), "--guide", "prompt=a star,w=2", "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "--guide" in err
+
+
 def _engine(models, guides):
     from pristine.sampling import GuidedSampler, Term
 

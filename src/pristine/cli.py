@@ -260,6 +260,34 @@ def sample_settings_from_args(args):
     return SampleSettings.from_dict(values, where)
 
 
+def _family(model: str):
+    from .backbones import backbone_class, resolve_model
+
+    return backbone_class(resolve_model(model))
+
+
+def _sample_with_pipeline(args, settings, out: Path) -> None:
+    from .sample import grid_for_prompts, load_pipeline
+
+    one_term = len(settings.guides) == 1 and settings.unconditional == settings.guides[0].adapter
+    if not one_term or not settings.prompts:
+        raise UsageError(f"the {_family(settings.model).family} family samples with ordinary CFG only for now: give "
+                         "--prompt (and --adapter, --guidance), not --guide or --unconditional")
+    g = settings.guides[0]
+    pipe = load_pipeline(settings.model, g.adapter or None, allow_pickle=settings.allow_pickle)
+    grid = grid_for_prompts(pipe, settings.prompts, n=settings.n, seed=settings.seed, steps=settings.steps,
+                            guidance=g.weight, scheduler=settings.scheduler)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    try:
+        grid.save(tmp, format="PNG")
+        from .files import durable_replace
+
+        durable_replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"grid written to {out}")
+
+
 def cmd_sample(args) -> None:
     from .files import check_writable_folder
     from .sample import run_tokens
@@ -280,6 +308,9 @@ def cmd_sample(args) -> None:
             if tokens and not any(t in prompt for t in tokens) and not args.no_token_ok:
                 raise UsageError(f"prompt {prompt!r} does not name the run's token ({', '.join(tokens)}); "
                                  "add it, or pass --no-token-ok to sample without it")
+    if not _family(settings.model).GUIDED_SAMPLING:  # SD3 / FLUX: ordinary CFG through their own pipeline
+        _sample_with_pipeline(args, settings, out)
+        return
     rows = sample(settings, Models(settings.model, settings.allow_pickle))
     labels = settings.rows() if any("{prompt}" in g.prompt for g in settings.guides) else \
         [" + ".join(f"{g.weight:g} x {Path(g.adapter).name or 'original'}: {g.prompt!r}" for g in settings.guides)]
