@@ -127,6 +127,10 @@ class SampleSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UsageError(f"{where}.{name}: must be a positive whole number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UsageError(f"{where}.seed: must be a whole number, got {self.seed!r}")
+        if not isinstance(self.model, str) or not isinstance(self.unconditional, str):
+            raise UsageError(f"{where}: model and unconditional are folder names (or 'mini'), got {self.model!r}")
         if self.scheduler not in SCHEDULERS:
             raise UsageError(f"{where}.scheduler: {self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         if not self.guides:
