@@ -88,6 +88,8 @@ def world(tiny, star_images, tmp_path_factory):
                                             f"concepts:\n  - {{images: {star_images}, token: '<v1>', class_word: star}}\n")
     (root / "broken.yaml").write_text("steps: [1,\n")
     (root / "unknown.yaml").write_text("stepz: 3\n")
+    (root / "sample_unknown.yaml").write_text("gudies: []\n")
+    (root / "sample_weight.yaml").write_text("guides:\n  - {prompt: a star, w: strong}\n")
     (root / "state.pt").write_bytes(b"\x80\x04K\x01.")
     (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     (root / "just_weights").mkdir()
@@ -218,6 +220,30 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
                            [".png"]),
     "sample_missing_adapter": (lambda w: ["sample", "--model", str(w["tiny"]), "--adapter", str(w["root"] / "nope"),
                                           "--prompt", "a star", "--out", NEW + ".png"], ["nope"]),
+    # guidance terms
+    "guide_unknown_key": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", f"adaptr={w['run']},prompt=a star,w=2",
+                                     "--out", NEW + ".png"], ["--guide 1", "adaptr", "adapter, prompt, w"]),
+    "guide_weight_not_a_number": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", "prompt=a star,w=2", "--guide",
+                                             "prompt=a circle,w=lots", "--out", NEW + ".png"], ["--guide 2", "w", "lots"]),
+    "guide_weight_nan": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", "prompt=a star,w=nan", "--out",
+                                    NEW + ".png"], ["--guide 1", "w", "finite"]),
+    "guide_missing_run": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", f"adapter={w['root'] / 'gone'},w=2",
+                                     "--out", NEW + ".png"], ["--guide 1", "gone", "pristine train"]),
+    "guide_not_a_run": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", f"adapter={w['just_weights']},w=2",
+                                   "--out", NEW + ".png"], ["just_weights", "config.yaml"]),
+    "guide_not_key_value": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", "a star", "--out", NEW + ".png"],
+                            ["--guide", "KEY=VALUE"]),
+    "guide_with_adapter": (lambda w: ["sample", "--model", str(w["tiny"]), "--adapter", str(w["run"]), "--guide",
+                                      "prompt=a star,w=2", "--out", NEW + ".png"], ["--adapter", "--guide"]),
+    "guide_corrupt_lora": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", f"adapter={w['bad_lora_run']},"
+                                      "prompt=a <v1> star,w=2", "--out", NEW + ".png"], ["pytorch_lora_weights.safetensors"]),
+    "sample_yaml_unknown_key": (lambda w: ["sample", "--config", str(w["root"] / "sample_unknown.yaml"), "--out",
+                                           NEW + ".png"], ["sample_unknown.yaml", "gudies"]),
+    "sample_yaml_guide_weight": (lambda w: ["sample", "--config", str(w["root"] / "sample_weight.yaml"), "--out",
+                                            NEW + ".png"], ["guides[0]", "w", "strong"]),
+    "ema_decay_one": (lambda w: _train(w, "star", "--ema-decay", "1", "--out", NEW), ["ema_decay"]),
+    "text_free_with_prior": (lambda w: _train(w, "star", "--method", "concept_centric", "--prior-preservation", "--out", NEW),
+                             ["prior_preservation", "concept_centric"]),
     # evaluation
     "eval_dino_given_clip": (lambda w: ["eval", "--images", str(w["star"]), "--dino", str(Path(mini.MODEL_DIR) / "clip")],
                              ["--dino", "clip"]),

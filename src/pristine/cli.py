@@ -174,7 +174,7 @@ def cmd_mini_card(args) -> None:
 # flag -> config key, for the flags that map one to one
 TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
                "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
-               "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume")
+               "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume", "ema_decay")
 METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run")
 
 
@@ -208,9 +208,14 @@ def train_config_from_args(args):
     if method_args:
         values["method_args"] = method_args
     if args.images or args.token or args.class_word:
-        if not (args.images and args.token and args.class_word):
+        from .methods import get_method
+
+        if not get_method(str(values.get("method", "lora"))).uses_text and args.images and not (args.token or args.class_word):
+            values["concepts"] = [{"images": args.images}]  # a text-free method: the uncaptioned folder alone
+        elif not (args.images and args.token and args.class_word):
             raise UsageError("--images, --token and --class-word go together; give all three (or a concepts list in --config)")
-        values["concepts"] = [{"images": args.images, "token": args.token, "class_word": args.class_word}]
+        else:
+            values["concepts"] = [{"images": args.images, "token": args.token, "class_word": args.class_word}]
     return TrainConfig.from_dict(values, where)
 
 
@@ -227,9 +232,66 @@ def cmd_train(args) -> None:
     print(f"run written to {out}")
 
 
+def sample_settings_from_args(args):
+    """--config YAML, then flags; `--adapter/--prompt/--guidance` is the one-term case of `--guide`."""
+    from .sampling import Guide, SampleSettings
+    from .train import load_config_file
+
+    values = load_config_file(args.config) if args.config else {}
+    where = args.config or "flags"
+    for key in ("model", "n", "seed", "steps", "scheduler"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.allow_pickle:
+        values["allow_pickle"] = True
+    if args.prompt:
+        values["prompts"] = args.prompt
+    if args.guide:
+        if args.adapter or args.guidance is not None:
+            raise UsageError("--adapter and --guidance are the one-term shorthand; with --guide give adapter= and w= "
+                             "inside each --guide")
+        values["guides"] = [Guide.parse(text, f"--guide {i + 1}") for i, text in enumerate(args.guide)]
+    elif not values.get("guides"):  # ordinary CFG with the run: its own ∅, as its diffusers pipeline samples it
+        values["guides"] = [Guide.from_dict({"adapter": args.adapter or "", "w": 5.0 if args.guidance is None else args.guidance},
+                                            "--adapter")]
+        values["unconditional"] = args.adapter or ""
+    if args.unconditional is not None:
+        values["unconditional"] = "" if args.unconditional in ("original", "") else args.unconditional
+    return SampleSettings.from_dict(values, where)
+
+
+def _family(model: str):
+    from .backbones import backbone_class, resolve_model
+
+    return backbone_class(resolve_model(model))
+
+
+def _sample_with_pipeline(args, settings, out: Path) -> None:
+    from .sample import grid_for_prompts, load_pipeline
+
+    one_term = len(settings.guides) == 1 and settings.unconditional == settings.guides[0].adapter
+    if not one_term or not settings.prompts:
+        raise UsageError(f"the {_family(settings.model).family} family samples with ordinary CFG only for now: give "
+                         "--prompt (and --adapter, --guidance), not --guide or --unconditional")
+    g = settings.guides[0]
+    pipe = load_pipeline(settings.model, g.adapter or None, allow_pickle=settings.allow_pickle)
+    grid = grid_for_prompts(pipe, settings.prompts, n=settings.n, seed=settings.seed, steps=settings.steps,
+                            guidance=g.weight, scheduler=settings.scheduler)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    try:
+        grid.save(tmp, format="PNG")
+        from .files import durable_replace
+
+        durable_replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"grid written to {out}")
+
+
 def cmd_sample(args) -> None:
-    from .files import check_writable_folder, durable_replace
-    from .sample import SCHEDULERS, grid_for_prompts, load_pipeline, run_tokens
+    from .files import check_writable_folder
+    from .sample import run_tokens
+    from .sampling import Models, sample, write_grid
 
     # every argument is checked before the model loads and anything is generated
     out = Path(args.out)
@@ -238,24 +300,21 @@ def cmd_sample(args) -> None:
     if out.is_dir():
         raise UsageError(f"--out {out}: a folder; give a .png file path for the grid")
     check_writable_folder(out.parent, "--out")
-    if args.scheduler not in SCHEDULERS:
-        raise UsageError(f"--scheduler {args.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
-    if args.adapter:
-        tokens = run_tokens(Path(args.adapter))
-        for prompt in args.prompt:
+    settings = sample_settings_from_args(args)  # every run's folder and files checked here
+    for g in settings.guides:
+        tokens = run_tokens(Path(g.adapter)) if g.adapter else []
+        for row in settings.rows():
+            prompt = g.prompt.replace("{prompt}", row)
             if tokens and not any(t in prompt for t in tokens) and not args.no_token_ok:
                 raise UsageError(f"prompt {prompt!r} does not name the run's token ({', '.join(tokens)}); "
                                  "add it, or pass --no-token-ok to sample without it")
-    pipe = load_pipeline(args.model, args.adapter, allow_pickle=args.allow_pickle)
-    grid = grid_for_prompts(pipe, args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                            scheduler=args.scheduler)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    try:
-        grid.save(tmp, format="PNG")
-        durable_replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if not _family(settings.model).GUIDED_SAMPLING:  # SD3 / FLUX: ordinary CFG through their own pipeline
+        _sample_with_pipeline(args, settings, out)
+        return
+    rows = sample(settings, Models(settings.model, settings.allow_pickle))
+    labels = settings.rows() if any("{prompt}" in g.prompt for g in settings.guides) else \
+        [" + ".join(f"{g.weight:g} x {Path(g.adapter).name or 'original'}: {g.prompt!r}" for g in settings.guides)]
+    write_grid(rows, labels, out)
     print(f"grid written to {out}")
 
 
@@ -285,6 +344,22 @@ def cmd_bench_mini(args) -> None:
                              sample_steps=args.sample_steps or (20 if args.quick else 30),
                              train_steps=args.train_steps or (80 if args.quick else None))
     print(f"report: {run_bench(Path(args.out), settings)}")
+
+
+def cmd_bench_domain(args) -> None:
+    from .eval.domainbench import BUDGETS, DomainSettings, run_domain_bench, table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in BUDGETS:
+            raise UsageError(f"--methods: {m!r} is no row of the domain task; choose from {', '.join(BUDGETS)}")
+    quick = args.quick
+    settings = DomainSettings(methods, images=args.images or (16 if quick else 200), prompts=args.prompts or (3 if quick else 12),
+                              seeds=args.seeds or (1 if quick else 4), sample_steps=args.sample_steps or (10 if quick else 30),
+                              s_c=args.s_c, s_ctrl=args.s_ctrl, train_steps=args.train_steps or (20 if quick else None))
+    path = run_domain_bench(Path(args.out), settings)
+    print(table(json.loads(path.read_text())))
+    print(f"written to {path}")
 
 
 def cmd_bench_steps(args) -> None:
@@ -437,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--images", help="folder of the concept's images")
     tr.add_argument("--token", help="the new token that names the concept, e.g. <v1>")
     tr.add_argument("--class-word", help="the concept's class, e.g. star")
-    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc")
+    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc, "
+                                     "concept_centric (an uncaptioned --images folder alone)")
     tr.add_argument("--out", help="the run folder")
     tr.add_argument("--steps", type=_positive("--steps"))
     tr.add_argument("--batch-size", type=_positive("--batch-size"))
@@ -460,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--use-8bit-adam", action="store_true")
     tr.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"))
+    tr.add_argument("--ema-decay", type=float, help="EMA of the trained weights, e.g. 0.999 (0: off; default: the method's)")
     tr.add_argument("--sample-every", type=int)
     tr.add_argument("--sample-prompt", action="append")
     tr.add_argument("--export", action="append", help="extra output formats: kohya")
@@ -475,16 +552,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's own settings")
     tr.set_defaults(func=cmd_train)
 
-    sa = sub.add_parser("sample", help="image grids from a model and a run's outputs")
-    sa.add_argument("--model", default="mini")
-    sa.add_argument("--adapter", help="a run folder (LoRA, embeddings, custom diffusion or a full model)")
-    sa.add_argument("--prompt", action="append", required=True)
-    sa.add_argument("--n", type=_positive("--n"), default=4, help="images per prompt")
+    sa = sub.add_parser("sample", help="image grids from a model and runs, with (generalized) classifier-free guidance")
+    sa.add_argument("--config", help="a YAML file of settings (guides: list of {adapter, prompt, w}); flags override it")
+    sa.add_argument("--model", help="'mini' (default) or a local diffusers model folder: the frozen original")
+    sa.add_argument("--adapter", help="a run folder: one guidance term with --prompt and --guidance")
+    sa.add_argument("--guide", action="append",
+                    help="a guidance term 'adapter=RUN,prompt=TEXT,w=NUMBER' (repeatable; no adapter: the original; "
+                         "negative w: a negative prompt; {prompt} in TEXT: each --prompt)")
+    sa.add_argument("--unconditional", help="the run whose f(∅) the guidance starts from (default: the frozen original "
+                                           "with --guide, the run itself with --adapter)")
+    sa.add_argument("--prompt", action="append", help="a grid row's prompt (repeatable)")
+    sa.add_argument("--n", type=_positive("--n"), help="images per prompt (default 4)")
     sa.add_argument("--out", required=True, help="the grid, a .png")
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--steps", type=_positive("--steps"), default=50)
-    sa.add_argument("--guidance", type=float, default=5.0)
-    sa.add_argument("--scheduler", default="ddim", help="ddim, euler or ddpm")
+    sa.add_argument("--seed", type=int)
+    sa.add_argument("--steps", type=_positive("--steps"), help="sampling steps (default 50)")
+    sa.add_argument("--guidance", type=float, help="the weight of the one term given by --adapter/--prompt (default 5)")
+    sa.add_argument("--scheduler", help="ddim (default), euler or ddpm")
     sa.add_argument("--no-token-ok", action="store_true", help="allow prompts without the run's token")
     sa.add_argument("--allow-pickle", action="store_true",
                     help="load a model whose weights are pickles (.bin); a pickle can run code, use trusted files only")
@@ -503,6 +586,19 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
     bm.set_defaults(func=cmd_bench_mini)
+    bd = bench.add_parser("domain", help="MiniBench's domain task: the held-out style retro from its uncaptioned set "
+                                         "(trigger LoRA, trigger DreamBooth, concept model + GCFG)")
+    bd.add_argument("--methods", default="lora_trigger,dreambooth_trigger,concept_centric")
+    bd.add_argument("--out", required=True)
+    bd.add_argument("--quick", action="store_true", help="a smoke run: 16 images, 3 prompts, 1 seed, 20 training steps")
+    bd.add_argument("--images", type=_positive("--images"), help="training pictures of the domain (default 200)")
+    bd.add_argument("--prompts", type=_positive("--prompts"), help="control prompts (default 12)")
+    bd.add_argument("--seeds", type=_positive("--seeds"))
+    bd.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    bd.add_argument("--train-steps", type=_positive("--train-steps"))
+    bd.add_argument("--s-c", type=float, default=2.5, help="GCFG weight of the concept model (default 2.5)")
+    bd.add_argument("--s-ctrl", type=float, default=2.5, help="GCFG weight of the control prompt (default 2.5)")
+    bd.set_defaults(func=cmd_bench_domain)
     bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
     bs.add_argument("--methods", default="lora,purecc,purecc_adaptive",
                     help="budgets, the first is the reference; BUDGET@KEY=VALUE changes a setting, e.g. purecc@learner_checkpointing=false")

@@ -34,8 +34,8 @@ class ConceptSpec:
     """One concept to learn: where its images are, the token that names it and its class word."""
 
     images: str
-    token: str
-    class_word: str
+    token: str = ""  # empty for a text-free method (concept_centric): the folder is the whole concept
+    class_word: str = ""
     init_word: str | None = None  # what the token's embedding starts from (default: the class word)
 
 
@@ -148,7 +148,8 @@ class ConceptImages:
     extras: list[dict] | None = None  # per image: prompt fields besides the caption (data.PROMPT_FIELDS)
 
     @classmethod
-    def load(cls, spec: ConceptSpec) -> "ConceptImages":
+    def load(cls, spec: ConceptSpec, captioned: bool = True) -> "ConceptImages":
+        """`captioned=False`: a domain's uncaptioned folder for a text-free method; captions are ignored."""
         folder = Path(spec.images)
         if not folder.exists():
             raise UsageError(f"images folder {folder} does not exist; give a folder of the concept's images")
@@ -158,6 +159,8 @@ class ConceptImages:
         files, images, texts = read_folder(folder, extras)
         if not files:
             raise UsageError(f"images folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add 3-20 pictures of the concept")
+        if not captioned:
+            return cls(spec, files, images, [""] * len(files), [{} for _ in files])
         captions = []
         for i, (path, text) in enumerate(zip(files, texts)):
             if text is None:

@@ -41,6 +41,9 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    # EMA of the trained weights (decay per optimizer step; 0: off; unset: the method's default, written
+    # into config.yaml); the outputs hold the EMA weights, checkpoints hold both
+    ema_decay: float | None = None
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -67,6 +70,8 @@ class TrainConfig:
     # every other one shapes the weights, so a change is refused
     RESUMABLE_CHANGES = ("out", "resume", "overwrite", "allow_pickle", "checkpoint_every", "keep_checkpoints",
                          "sample_every", "sample_prompts", "export")
+    # settings added after runs were already written: what an older config.yaml without them meant
+    ADDED_LATER = {"ema_decay": 0.0}
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
@@ -93,9 +98,15 @@ class TrainConfig:
             raise UsageError(f"{where}.out: missing; give the run folder (--out)")
         if not self.concepts:
             raise UsageError(f"{where}.concepts: none given; pass --images, --token and --class-word, or a concepts list")
-        tokens = [c.token for c in self.concepts]
-        if len(set(tokens)) != len(tokens):
-            raise UsageError(f"{where}.concepts: tokens must differ, got {tokens}")
+        method = get_method(self.method)
+        if method.uses_text:
+            for i, c in enumerate(self.concepts):
+                for key in ("token", "class_word"):
+                    if not getattr(c, key):
+                        raise UsageError(f"{where}.concepts[{i}].{key}: missing (method {self.method} learns a token)")
+            tokens = [c.token for c in self.concepts]
+            if len(set(tokens)) != len(tokens):
+                raise UsageError(f"{where}.concepts: tokens must differ, got {tokens}")
         for name, allowed in (("mixed_precision", ("no", "fp16", "bf16")), ("crop", ("center", "random")),
                               ("lr_scheduler", ("constant", "constant_with_warmup", "linear", "cosine"))):
             if getattr(self, name) not in allowed:
@@ -108,6 +119,12 @@ class TrainConfig:
                      "preserve_weight"):
             if not getattr(self, name) >= 0:  # also false for nan
                 raise UsageError(f"{where}.{name}: must be zero or more, got {getattr(self, name)}")
+        if self.ema_decay is None:
+            self.ema_decay = method.default_ema_decay  # explicit in config.yaml
+        elif not 0 <= self.ema_decay < 1:
+            raise UsageError(f"{where}.ema_decay: must be at least 0 and below 1 (0 turns EMA off), got {self.ema_decay}")
+        if self.prior_preservation and not method.uses_text:
+            raise UsageError(f"{where}.prior_preservation: method {self.method} trains without text; turn it off")
         if self.lr is None:
             self.lr = get_method(self.method).default_lr  # explicit in config.yaml
         elif not (math.isfinite(self.lr) and self.lr > 0):
@@ -147,7 +164,7 @@ class TrainConfig:
         for key, value in mine.items():
             if key in self.RESUMABLE_CHANGES:
                 continue
-            old = saved.get(key)
+            old = saved.get(key, self.ADDED_LATER.get(key))
             if key == "method_args" and saved.get("method") == self.method:  # compare settings, defaults filled in
                 try:
                     old = asdict(method.Config.from_dict(old or {}))
@@ -166,9 +183,8 @@ def _concept(value, where: str) -> ConceptSpec:
     for key in value:
         if key not in known:
             raise UsageError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-    for key in ("images", "token", "class_word"):
-        if not value.get(key):
-            raise UsageError(f"{where}.{key}: missing")
+    if not value.get("images"):  # token and class word: checked against the method in validate()
+        raise UsageError(f"{where}.images: missing")
     return ConceptSpec(**{k: str(v) for k, v in value.items()})
 
 
@@ -277,11 +293,13 @@ def _resume_candidates(out: Path, config: TrainConfig) -> list[Path]:
     return [path]
 
 
-def _save_checkpoint(out: Path, step: int, method, optimizer, scheduler, keep: int) -> Path:
+def _save_checkpoint(out: Path, step: int, method, optimizer, scheduler, keep: int, ema: "EMA | None" = None) -> Path:
     from .checkpoint import optimizer_tensors
 
     path = out / "checkpoints" / f"step_{step:07d}.safetensors"
     tensors = {f"trainable.{k}": v for k, v in method.trainable_state().items()}
+    if ema is not None:
+        tensors.update(ema.state())
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -291,7 +309,7 @@ def _save_checkpoint(out: Path, step: int, method, optimizer, scheduler, keep: i
     return path
 
 
-def _load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
+def _load_checkpoint(path: Path, method, optimizer, scheduler, ema: "EMA | None" = None) -> int:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -306,14 +324,19 @@ def _load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
     if wrong or "step" not in meta:
         raise UsageError(f"--resume {path}: written by another method or other settings ({_short(wrong[:1] or 'no step')} "
                          f"differs); resume the run it belongs to, or start a new one")
+    if ema is not None and not ema.fits(tensors):
+        raise UsageError(f"--resume {path}: holds no EMA weights for this run's settings (ema_decay); resume the run "
+                         "it belongs to, or start a new one")
     method.load_trainable_state(saved)
+    if ema is not None:
+        ema.load_state(tensors)
     load_optimizer_tensors(optimizer, tensors, meta)
     scheduler.load_state_dict(json.loads(meta["lr_scheduler"]))
     torch.set_rng_state(tensors["rng.torch"])
     return int(meta["step"])
 
 
-def _resume(candidates: list[Path], method, optimizer, scheduler, main: bool, say) -> int:
+def _resume(candidates: list[Path], method, optimizer, scheduler, main: bool, say, ema: "EMA | None" = None) -> int:
     """Load the first intact checkpoint. A damaged one (a bad copy, a full disk) is passed over with a
     line saying so and renamed *.damaged (kept, never picked again); a named one was checked already."""
     for path in candidates:
@@ -324,10 +347,45 @@ def _resume(candidates: list[Path], method, optimizer, scheduler, main: bool, sa
             if main:
                 path.rename(path.with_name(path.name + ".damaged"))
             continue
-        return _load_checkpoint(path, method, optimizer, scheduler)
+        return _load_checkpoint(path, method, optimizer, scheduler, ema)
     if candidates:
         say("warning: no intact checkpoint left; training starts from step 0")
     return 0
+
+
+class EMA:
+    """An exponential moving average of the trained tensors, updated after every optimizer step. Its
+    decay warms up as (1 + n) / (10 + n) so early weights do not linger; it travels in each checkpoint."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay, self.updates = params, decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().to(s.dtype), 1 - decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"ema.{i}": s for i, s in enumerate(self.shadow)}, "ema.updates": torch.tensor(self.updates)}
+
+    def fits(self, tensors: dict[str, torch.Tensor]) -> bool:
+        return "ema.updates" in tensors and all(
+            f"ema.{i}" in tensors and tensors[f"ema.{i}"].shape == s.shape for i, s in enumerate(self.shadow))
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, s in enumerate(self.shadow):
+                s.copy_(tensors[f"ema.{i}"])
+        self.updates = int(tensors["ema.updates"])
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        """The averaged weights into the model, for saving the outputs."""
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s.to(p.dtype))
 
 
 def _optimizer(groups, config: TrainConfig, lr: float):
@@ -371,7 +429,8 @@ def run_training(config: TrainConfig):
     method_cls = get_method(config.method)
     method_config = method_cls.Config.from_dict(config.method_args)
     check_run_folder(out, config)
-    concepts = [ConceptImages.load(c) for c in config.concepts]  # checks every file before anything else
+    # checks every file before anything else
+    concepts = [ConceptImages.load(c, captioned=method_cls.uses_text) for c in config.concepts]
     candidates = _resume_candidates(out, config)
     torch.manual_seed(config.seed)
     backbone = load_backbone(config.model, allow_pickle=config.allow_pickle)
@@ -423,15 +482,17 @@ def run_training(config: TrainConfig):
     # several processes (DDP) each one's gradient is averaged and each starts equal everywhere
     device = accelerator.device
     _to_device(backbone, device)
+    method.prepare(data)  # after the models moved: a method's own measuring passes run on the device
     trainable = [p for g in groups for p in g["params"]]
     model = TrainableParameters(method, trainable)
+    ema = EMA(trainable, config.ema_decay) if config.ema_decay else None
     optimizer = _optimizer(groups, config, lr)
     # stepped here once per optimizer step: accelerate's wrapper would step it once per process
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=config.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    start = _resume(candidates, method, optimizer, scheduler, main, say)
+    start = _resume(candidates, method, optimizer, scheduler, main, say, ema)
     if main:
         _write_config(out, config)
         _keep_log_until(out, start)
@@ -469,6 +530,8 @@ def run_training(config: TrainConfig):
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
+                    if ema is not None:
+                        ema.update()
                 optimizer.zero_grad(set_to_none=True)
         record = {"loss": losses.mean().item(), "lr": scheduler.get_last_lr()[0], **logs}
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}", it_s=f"{(step + 1 - start) / (time.time() - t0):.2f}")
@@ -478,11 +541,13 @@ def run_training(config: TrainConfig):
         with open(out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step + 1, **record}) + "\n")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save_checkpoint(out, step + 1, method, optimizer, scheduler, config.keep_checkpoints)
+            _save_checkpoint(out, step + 1, method, optimizer, scheduler, config.keep_checkpoints, ema)
         if config.sample_every and (step + 1) % config.sample_every == 0 and config.sample_prompts:
             _sample_during_training(method, config, out / "samples" / f"step_{step + 1:07d}.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if ema is not None:
+        ema.copy_to_params()  # the outputs are the averaged weights (and so is the returned method)
     if main:
         method.save(out, config.export)
         atomic_write_text(out / "DONE", json.dumps({"steps": config.steps, "method": config.method}))

@@ -212,6 +212,37 @@ class Backbone(ABC):
 
         return cross_attention_layers(self._unwrapped(self.denoiser))
 
+    # ---- the concept-centric (null-text) model ----
+    def make_text_free(self, measure: bool = True) -> dict[str, torch.nn.Module]:
+        """Every cross-attention block's output becomes a constant vector and the norm before it goes
+        (METHODS.md 3); returns the constant modules by name. With `measure`, each keeps the block it
+        replaced until `measure_null_text` has run it; without, constants are placeholders to load into."""
+        raise UsageError(f"the {self.family} family has no separate cross-attention blocks (text enters joint "
+                         "attention); concept_centric needs a UNet family (sd, sdxl)")
+
+    def measure_null_text(self, latents: torch.Tensor, generator: torch.Generator, passes: int = 8) -> dict[str, torch.Tensor]:
+        """The constants, measured: each replaced block's mean output for the empty prompt over real latents,
+        real noise, positions and `passes` draws of timesteps; the replaced blocks are dropped afterwards."""
+        raise UsageError(f"the {self.family} family has no separate cross-attention blocks; concept_centric needs sd or sdxl")
+
+    # ---- sampling (the engine in sampling.py) ----
+    # whether sampling.py's loop drives this family (flow families sample through their pipeline for now)
+    GUIDED_SAMPLING: ClassVar[bool] = True
+
+    def unconditional(self, n: int) -> dict[str, torch.Tensor]:
+        """The condition for ∅, as the family's pipeline builds it for classifier-free guidance."""
+        return self.encode_prompts([""] * n)
+
+    def latent_shape(self, n: int) -> tuple[int, ...]:
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = self.image_size // scale
+        return (n, self._unwrapped(self.denoiser).config.in_channels, side, side)
+
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pictures in [0, 1], (n, h, w, 3) float on the CPU, as the pipeline's postprocess gives."""
+        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (images * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float()
+
     # ---- inference ----
     @classmethod
     @abstractmethod

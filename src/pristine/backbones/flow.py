@@ -25,6 +25,7 @@ class FlowMatchingBackbone(Backbone):
     ENCODES_WITH_PIPELINE = True
     TIMESTEP_SAMPLING: ClassVar[str] = "logit_normal"  # or "uniform"
     MAX_SEQUENCE_LENGTH: ClassVar[int] = 256  # T5 tokens, as the pipeline's own default
+    GUIDED_SAMPLING = False  # their timesteps and packing are not in sampling.py's loop yet
 
     @property
     def vae_scale(self) -> int:

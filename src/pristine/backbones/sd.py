@@ -9,6 +9,41 @@ import torch
 from .base import Backbone
 
 
+class ConstantCrossAttention(torch.nn.Module):
+    """Stands where a transformer block's cross-attention (and the norm before it) was: adds the same
+    vector at every position, whatever the text. The vector is a buffer, so it is in the state dict and
+    a strict load fails without it (the authors' release loads a zero buffer with strict=False).
+
+    While `replaced` holds the original (norm, attention), the module runs them instead and sums their
+    outputs: that is how the constant is measured, by real forward passes."""
+
+    def __init__(self, dim: int, replaced: tuple[torch.nn.Module, torch.nn.Module] | None = None):
+        super().__init__()
+        self.register_buffer("constant", torch.zeros(dim))
+        # a plain attribute, not submodules: the replaced weights are neither trained nor saved
+        self.replaced = replaced
+        self.total, self.count = None, 0
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        if self.replaced is None:
+            return self.constant.to(hidden_states.dtype).expand_as(hidden_states)
+        norm, attention = self.replaced
+        out = attention(norm(hidden_states), encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                        **kwargs)
+        flat = out.detach().double().reshape(-1, out.shape[-1])  # (batch x positions, dim)
+        self.total = flat.sum(0) if self.total is None else self.total + flat.sum(0)
+        self.count += len(flat)
+        return out
+
+    def finish_measuring(self) -> torch.Tensor:
+        if not self.count:
+            raise RuntimeError("a cross-attention block never ran while its constant was measured")
+        with torch.no_grad():
+            self.constant.copy_((self.total / self.count).to(self.constant))
+        self.replaced, self.total, self.count = None, None, 0
+        return self.constant.detach().clone()
+
+
 class StableDiffusionBackbone(Backbone):
     """Also the base of SDXL: the DDPM forward process on VAE latents and a UNet denoiser."""
 
@@ -64,6 +99,41 @@ class StableDiffusionBackbone(Backbone):
 
     def predict(self, x_t, t, cond):
         return self.denoiser(x_t, t, **cond).sample
+
+    # ---- the concept-centric (null-text) model ----
+    def make_text_free(self, measure: bool = True) -> dict[str, torch.nn.Module]:
+        denoiser = self._unwrapped(self.denoiser)
+        blocks = [(name, m) for name, m in denoiser.named_modules()
+                  if getattr(m, "attn2", None) is not None and getattr(m.attn2, "is_cross_attention", False)]
+        if not blocks:
+            raise ValueError("no cross-attention blocks found in the UNet")
+        constants = {}
+        for name, block in blocks:
+            dim = block.attn2.to_out[0].out_features
+            replaced = (block.norm2, block.attn2) if measure else None
+            device = block.attn2.to_out[0].weight.device
+            block.attn2 = ConstantCrossAttention(dim, replaced).to(device)
+            block.norm2 = torch.nn.Identity()
+            constants[f"{name}.attn2" if name else "attn2"] = block.attn2
+        return constants
+
+    def measure_null_text(self, latents, generator, passes=8):
+        modules = {n: m for n, m in self._unwrapped(self.denoiser).named_modules() if isinstance(m, ConstantCrossAttention)}
+        pending = [m for m in modules.values() if m.replaced is not None]
+        if not pending:
+            raise ValueError("nothing to measure: call make_text_free(measure=True) first")
+        device = self.denoiser.device
+        for m in pending:  # the replaced blocks are no submodules, so they did not move with the model
+            for part in m.replaced:
+                part.to(device)
+        latents = latents.to(device)
+        cond = self.unconditional(len(latents))
+        with torch.no_grad():
+            for _ in range(passes):
+                noise = torch.randn(latents.shape, generator=generator).to(latents)
+                t = self.sample_timesteps(len(latents), generator).to(device)
+                self.predict(self.add_noise(latents, noise, t), t, cond)
+        return {n: m.finish_measuring() for n, m in modules.items() if m in pending}
 
     # ---- outputs and inference ----
     def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:

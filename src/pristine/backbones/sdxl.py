@@ -30,6 +30,15 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
                                                                   do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
+    def unconditional(self, n):
+        # SDXL's pipeline guides against zeros, not the empty prompt's embedding, unless its config says otherwise
+        import json
+
+        index = json.loads((self.folder / "model_index.json").read_text())
+        if not index.get("force_zeros_for_empty_prompt", True):
+            return super().unconditional(n)
+        return {k: torch.zeros_like(v) for k, v in self.encode_prompts([""] * n).items()}
+
     def predict(self, x_t, t, cond):
         # training images are resized and center-cropped to the target size: original = target, crop (0, 0)
         h, w = (d * self.vae_scale for d in x_t.shape[-2:])

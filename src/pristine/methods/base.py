@@ -443,8 +443,27 @@ class Method:
             logs["prior"] = per_sample[batch["is_prior"]].mean().item()
         return loss, logs
 
+    def prepare(self, data) -> None:
+        """After the training set is built and the models are on their device, before the first step:
+        a method that needs the training images themselves (concept_centric measures with them) does it here."""
+
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         raise NotImplementedError
+
+    # ---- the inference side (sampling.py) ----
+    # A GuidedSampler subclass for a method that samples its own way (own attention processors, own
+    # guidance rule); None: the engine's loop.
+    sampler: ClassVar[type | None] = None
+    # whether training reads captions and a token; False: an uncaptioned image folder is the data
+    uses_text: ClassVar[bool] = True
+    # EMA of the trained weights when the run does not say (0: off)
+    default_ema_decay: ClassVar[float] = 0.0
+
+    @classmethod
+    def load_denoiser(cls, run: Path, settings: dict, models):
+        """The finished run's outputs as a `sampling.Denoiser` on the engine's `models` (adapters on the
+        original's copy where possible). `settings` is the run's config.yaml."""
+        raise UsageError(f"runs of method {cls.name} cannot be sampled yet")
 
 
 class TrainableParameters(torch.nn.Module):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -10,6 +11,7 @@ from typing import ClassVar
 import torch
 
 from ..checkpoint import atomic_save
+from ..sampling import Denoiser, use_adapter
 from .base import Method, MethodConfig, TokenEmbeddings, register
 
 WEIGHTS = "custom_diffusion.safetensors"
@@ -47,6 +49,17 @@ class CustomDiffusion(Method):
                     metadata={"format": "pristine.custom_diffusion", "keys": "denoiser parameter names"})
         return [path, self.tokens.save(out_dir)]
 
+    @classmethod
+    def load_denoiser(cls, run: Path, settings: dict, models):
+        from ..errors import UsageError
+        from ..files import check_safetensors
+
+        path = run / WEIGHTS
+        if not path.is_file():
+            raise UsageError(f"--guide: adapter {run} lacks {WEIGHTS}; the run is incomplete, train it again")
+        check_safetensors(path, "--adapter")
+        return SwappedKeyValues(models.backbone(), run.name, models.load_tokens(run), path)
+
 
 def apply_custom_diffusion(denoiser, path: Path) -> None:
     """Load saved key/value projections into a pipeline's denoiser (sampling)."""
@@ -56,3 +69,33 @@ def apply_custom_diffusion(denoiser, path: Path) -> None:
     with torch.no_grad():
         for k, v in load_file(str(path)).items():
             params[k].copy_(v.to(params[k].dtype))
+
+
+
+class SwappedKeyValues(Denoiser):
+    """The run's key/value projections swapped into the original's copy for its forwards only."""
+
+    def __init__(self, backbone, name: str, tokens: dict[str, int], path: Path):
+        from safetensors.torch import load_file
+
+        super().__init__(backbone, name, tokens)
+        self.weights = load_file(str(path))
+
+    @property
+    def key(self) -> tuple:
+        return (id(self.backbone), f"custom_diffusion:{self.name}")
+
+    @contextmanager
+    def active(self):
+        use_adapter(self.backbone, None)
+        params = dict(self.backbone.denoiser.named_parameters())
+        kept = {k: params[k].detach().clone() for k in self.weights}
+        with torch.no_grad():
+            for k, v in self.weights.items():
+                params[k].copy_(v.to(params[k]))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in kept.items():
+                    params[k].copy_(v)

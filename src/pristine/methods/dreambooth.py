@@ -51,3 +51,12 @@ class DreamBooth(Method):
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return [final, self.tokens.save(out_dir)]
+
+    @classmethod
+    def load_denoiser(cls, run: Path, settings: dict, models):
+        from ..errors import UsageError
+        from ..sampling import Denoiser
+
+        if not (run / "model" / "model_index.json").is_file():
+            raise UsageError(f"--guide: adapter {run} lacks its model/ folder; the run is incomplete, train it again")
+        return Denoiser(models.backbone(run / "model"), run.name)  # a copy of its own: every weight changed

@@ -96,3 +96,15 @@ class LoRA(Method):
         if "kohya" in export:
             paths.append(self.backbone.write_kohya(paths[0], out_dir / "lora_kohya.safetensors", self.config.alpha))
         return paths
+
+    @classmethod
+    def load_denoiser(cls, run: Path, settings: dict, models):
+        return lora_run_denoiser(run, models)
+
+
+def lora_run_denoiser(run: Path, models):
+    """A run's saved LoRA (and tokens) as an adapter on the original's copy of the weights."""
+    from ..sampling import AdapterDenoiser
+
+    tokens = models.load_tokens(run)
+    return AdapterDenoiser(models.backbone(), models.load_lora(run), tokens)

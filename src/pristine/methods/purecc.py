@@ -28,7 +28,7 @@ import torch
 
 from ..errors import UsageError
 from .base import Method, MethodConfig, TokenEmbeddings, draw_noise, register
-from .lora import AdapterSwitch, LoraConfig, add_lora, lora_params, save_lora
+from .lora import AdapterSwitch, LoraConfig, add_lora, lora_params, lora_run_denoiser, save_lora
 
 EXTRACTOR, LEARNER = "extractor", "learner"
 
@@ -239,3 +239,7 @@ class PureCC(Method):
         else:  # inference needs only the learner and the token
             paths.append(save_lora(self.backbone, LEARNER, LoraConfig(self.config.rank, self.config.alpha), out_dir))
         return paths
+
+    @classmethod
+    def load_denoiser(cls, run: Path, settings: dict, models):
+        return lora_run_denoiser(run, models)  # the run's LoRA: the learner (the extractor for --stage 1)

@@ -30,3 +30,10 @@ class TextualInversion(Method):
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         return [self.tokens.save(out_dir)]
+
+    @classmethod
+    def load_denoiser(cls, run: Path, settings: dict, models):
+        from ..sampling import Denoiser
+
+        # the original weights: only the text side changes, so its terms batch with the original's
+        return Denoiser(models.backbone(), run.name, models.load_tokens(run))
