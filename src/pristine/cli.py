@@ -175,7 +175,7 @@ def cmd_mini_card(args) -> None:
 TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
                "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
                "class_prompt", "checkpoint_every", "sample_every", "resume")
-METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run")
+METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run", "init_run", "clip")
 
 
 def train_config_from_args(args):
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--images", help="folder of the concept's images")
     tr.add_argument("--token", help="the new token that names the concept, e.g. <v1>")
     tr.add_argument("--class-word", help="the concept's class, e.g. star")
-    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc")
+    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc, spf")
     tr.add_argument("--out", help="the run folder")
     tr.add_argument("--steps", type=_positive("--steps"))
     tr.add_argument("--batch-size", type=_positive("--batch-size"))
@@ -474,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rank", type=_positive("--rank"))
     tr.add_argument("--alpha", type=float)
     tr.add_argument("--vectors", type=_positive("--vectors"))
-    tr.add_argument("--stage", choices=("1", "2", "both"), help="PureCC: which stages this run trains (default both)")
+    tr.add_argument("--stage", choices=("1", "2", "both"), help="PureCC, SPF: which stages this run trains (default both)")
     tr.add_argument("--stage1-run", help="PureCC --stage 2: the finished stage-1 run folder to start from")
+    tr.add_argument("--init-run", help="SPF: an earlier run whose LoRA stays in the model, fixed (learning attributes in turn)")
+    tr.add_argument("--clip", help="SPF: a CLIP model folder for the response-enhancement loss (none: off)")
     tr.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's own settings")
     tr.set_defaults(func=cmd_train)
 

@@ -59,3 +59,10 @@ class FlowMatchingBackbone(Backbone):
 
     def target(self, x0, noise, t):
         return noise - x0
+
+    def predict_x0(self, x_t, t, pred):
+        return x_t - self.sigma(t, x_t).view(-1, *([1] * (x_t.ndim - 1))) * pred
+
+    def decode_latents(self, latents):
+        latents = latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
