@@ -305,3 +305,48 @@ def test_a_family_without_capture_says_so(tmp_path, zigzag):
     with pytest.raises(UsageError, match="no cross-attention capture"):
         _spf(model, zigzag, "zigzag")
     _spf(model, zigzag, "zigzag", stage="1")  # ordinary fine-tuning needs no capture
+
+
+# ---- MiniBench's attribute task ---------------------------------------------------------------------
+
+
+def test_attribute_scoring_on_the_world_s_own_renders():
+    import pristine.mini as mini
+    from pristine.eval.minibench_attribute import prompts_for_word, score_attribute
+    from pristine.world import render
+
+    oracle = mini.load_oracle()
+    scenes, prompts, bases = prompts_for_word("zigzag")
+    assert all("zigzag" in p for p in prompts) and not any("zigzag" in b for b in bases)
+    assert [remove_phrase(p, "zigzag") for p in prompts] == bases
+    from dataclasses import replace
+
+    solid = [replace(s, objects=(replace(s.objects[0], pattern="solid"), *s.objects[1:])) for s in scenes]
+    drawn, plain = [render(s)[0] for s in scenes], [render(s)[0] for s in solid]
+    asked = score_attribute(oracle, "zigzag", scenes, [0], drawn, plain)
+    assert sum(r["response"] for r in asked) >= len(scenes) - 1  # the oracle reads the pattern drawn
+    assert sum(r["preservation_stated_error"] for r in asked) <= 1
+    assert sum(r["preservation_original_error"] for r in asked) <= 1  # only the pattern differs from the base
+    unasked = score_attribute(oracle, "zigzag", scenes, [0], plain, plain)
+    assert sum(r["response"] for r in unasked) == 0
+    assert all(r["preservation_original_error"] == 0 for r in unasked)  # a picture against itself
+
+
+def test_attribute_bench_runs_end_to_end_at_tiny_scale(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "attribute", "--rows", "lora,spf_no_query,spf_incremental", "--out", str(out), "--seeds", "1",
+                 "--sample-steps", "2", "--images", "4", "--train-steps", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
+    assert set(summary) == {"lora", "spf_no_query", "spf_incremental", "original"}
+    assert "retention" in summary["spf_incremental"] and "retention_ratio" in summary["spf_incremental"]
+    assert summary["lora"]["response"]["n"] == 2 * 6  # two words x six prompts x one seed
+    assert summary["spf_incremental"]["response"]["n"] == 6  # the second word only
+    import yaml
+
+    config = yaml.safe_load((out / "runs" / "spf_incremental" / "gradient" / "config.yaml").read_text())
+    assert Path(config["method_args"]["init_run"]) == out / "runs" / "spf" / "zigzag"
+    assert "spf_incremental" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["bench", "attribute", "--rows", "magic", "--out", str(tmp_path / "x")]) == 2
+    assert "--rows" in capsys.readouterr().err and not (tmp_path / "x").exists()

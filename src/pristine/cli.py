@@ -285,6 +285,25 @@ def cmd_bench_mini(args) -> None:
     print(f"report: {run_bench(Path(args.out), settings)}")
 
 
+def cmd_bench_attribute(args) -> None:
+    from .eval.minibench_attribute import ATTRIBUTE_BUDGETS, AttributeBenchSettings, run_attribute_bench
+    from .world.concepts import ATTRIBUTE_WORDS
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for row in rows:
+        if row not in ATTRIBUTE_BUDGETS:
+            raise UsageError(f"--rows: {row!r} is no row of the attribute task; choose from {', '.join(ATTRIBUTE_BUDGETS)}")
+    words = [w.strip() for w in args.words.split(",") if w.strip()]
+    if not words or any(w not in ATTRIBUTE_WORDS for w in words) or len(set(words)) != len(words):
+        raise UsageError(f"--words: {args.words!r}; give distinct words from {', '.join(ATTRIBUTE_WORDS)} "
+                         "(the incremental row learns them in that order)")
+    settings = AttributeBenchSettings(rows, words, seeds=args.seeds or (2 if args.quick else 4),
+                                      sample_steps=args.sample_steps or (20 if args.quick else 30),
+                                      images=args.images or (40 if args.quick else 300),
+                                      train_steps=args.train_steps or (80 if args.quick else None))
+    print(f"report: {run_attribute_bench(Path(args.out), settings)}")
+
+
 def cmd_bench_steps(args) -> None:
     from .eval.minibench import TOKEN, budget_settings
     from .eval.stepcost import run
@@ -507,6 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
     bm.set_defaults(func=cmd_bench_mini)
+    ba = bench.add_parser("attribute", help="MiniBench's attribute task: SPF and LoRA teaching held-out pattern words")
+    ba.add_argument("--rows", default="lora,spf,spf_no_text,spf_no_query,spf_no_enhance,spf_no_denoise,spf_incremental")
+    ba.add_argument("--words", default="zigzag,gradient", help="the words, in the order the incremental row learns them")
+    ba.add_argument("--out", required=True)
+    ba.add_argument("--quick", action="store_true",
+                    help="a smoke run: 40 pictures per word, 2 seeds, 80 training steps (per stage), 20 sampling steps")
+    ba.add_argument("--seeds", type=_positive("--seeds"))
+    ba.add_argument("--images", type=_positive("--images"), help="captioned training pictures per word (default 300)")
+    ba.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    ba.add_argument("--train-steps", type=_positive("--train-steps"))
+    ba.set_defaults(func=cmd_bench_attribute)
     bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
     bs.add_argument("--methods", default="lora,purecc,purecc_adaptive",
                     help="budgets, the first is the reference; BUDGET@KEY=VALUE changes a setting, e.g. purecc@learner_checkpointing=false")
