@@ -294,6 +294,18 @@ def test_full_cross_attention_run_writes_its_exact_change_as_a_lora(tiny, zigzag
         assert not torch.equal(weight, base[key])
         assert torch.allclose(loaded[key], weight, atol=1e-5), key
     assert not _effective(loaded, {k: v for k, v in base.items() if k not in trained})
+    # a full run on top of it: the first run's change is merged in first and kept in the written LoRA
+    second = tmp_path / "full_on_top"
+    assert main(["train", "--model", str(tiny), "--images", str(zigzag), "--token", "zigzag", "--class-word", "pattern",
+                 "--method", "spf", "--lr", "1e-3", "--steps", "2", "--method-arg", "stage1_steps=1",
+                 "--method-arg", "train=full", "--init-run", str(run), "--out", str(second)]) == 0
+    trained_on_top = load_file(str(second / "spf_learner.safetensors"))
+    assert trained_on_top and all(k.endswith(".base_layer.weight") for k in trained_on_top)  # under the read adapter's wrapper
+    loaded = _fused_unet(tiny, second)
+    for key, weight in trained_on_top.items():
+        plain = key.replace(".base_layer", "")
+        assert not torch.allclose(weight, trained[plain])  # it moved on from the first run
+        assert torch.allclose(loaded[plain], weight, atol=1e-5), plain
 
 
 def test_a_family_without_capture_says_so(tmp_path, zigzag):

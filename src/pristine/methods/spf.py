@@ -247,6 +247,11 @@ def clip_folder(setting: str, model_folder: Path) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def _module_of(param: str) -> str:
+    """The module a weight belongs to, as LoRA files name it (under an adapter wrapper, the wrapper)."""
+    return param[:-len(".weight")].removesuffix(".base_layer")
+
+
 @register
 class SPF(Method):
     name = "spf"
@@ -348,7 +353,7 @@ class SPF(Method):
         if self.config.train == "lora":
             return lora_params(denoiser, LEARNER)
         modules = {n for n, _ in denoiser.named_modules() if any(n == t or n.endswith("." + t) for t in self.targets)}
-        return {n: p for n, p in denoiser.named_parameters() if n.endswith(".weight") and n[:-len(".weight")] in modules}
+        return {n: p for n, p in denoiser.named_parameters() if n.endswith(".weight") and _module_of(n) in modules}
 
     def in_stage1(self, step: int) -> bool:
         return self.config.stage == "1" or (self.config.stage == "both" and step < self.config.stage1_steps)
@@ -465,7 +470,7 @@ class SPF(Method):
         if self.config.train == "lora":
             own = adapter_factors(denoiser, LEARNER)
         else:
-            own = {n[:-len(".weight")]: exact_factors(p.detach().float() - self.reference_weights[n].float())
+            own = {_module_of(n): exact_factors(p.detach().float() - self.reference_weights[n].float())
                    for n, p in self.trainable_denoiser_params().items()}
         return stack(self.init_factors, own)
 
