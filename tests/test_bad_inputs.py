@@ -180,6 +180,22 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
                                       ["base_preserve_weight", "-1"]),
     "token_in_vocabulary": (lambda w: ["train", "--model", str(w["tiny"]), "--images", str(w["star"]), "--token", "star",
                                        "--class-word", "star", "--steps", "1", "--out", NEW], ["vocabulary"]),
+    # SPF
+    "spf_train_unknown": (lambda w: _train(w, "star", "--method", "spf", "--method-arg", "train=half", "--out", NEW),
+                          ["method_args.train", "half"]),
+    "spf_stage2_without_stage1": (lambda w: _train(w, "star", "--method", "spf", "--stage", "2", "--out", NEW),
+                                  ["stage1_run"]),
+    "spf_init_run_missing": (lambda w: _train(w, "star", "--method", "spf", "--init-run", str(w["root"] / "nope"),
+                                              "--out", NEW), ["init_run", "nope"]),
+    "spf_init_run_with_tokens": (lambda w: _train(w, "star", "--method", "spf", "--init-run", str(w["run"]), "--out", NEW),
+                                 ["init_run", "tokens"]),
+    "spf_clip_not_a_model": (lambda w: _train(w, "star", "--method", "spf", "--clip", str(w["empty"]), "--out", NEW),
+                             ["method_args.clip", "empty"]),
+    "spf_weight_negative": (lambda w: _train(w, "star", "--method", "spf", "--method-arg", "text_weight=-1", "--out", NEW),
+                            ["text_weight", "-1"]),
+    "spf_all_weights_zero": (lambda w: _train(w, "star", "--method", "spf", *[a for t in ("denoise", "text", "query", "enhance")
+                                                                            for a in ("--method-arg", f"{t}_weight=0")],
+                                              "--out", NEW), ["weight", "above zero"]),
     # model folders
     "model_not_diffusers": (lambda w: _train(w, "star", "--model", str(w["root"]), "--out", NEW), ["model_index.json"]),
     "model_truncated_safetensors": (lambda w: _train(w, "star", "--model", str(w["truncated_model"]), "--out", NEW),

@@ -10,10 +10,11 @@ import torch
 
 class CaptureCrossAttention:
     """Runs one attention block and, for cross-attention, stores its probabilities in `store[name]`
-    as (batch, heads, pixels, tokens), still attached to the graph so losses can use them."""
+    as (batch, heads, pixels, tokens), and with a `queries` dict its queries there as (batch, pixels,
+    channels), still attached to the graph so losses can use them."""
 
-    def __init__(self, store: dict, name: str):
-        self.store, self.name = store, name
+    def __init__(self, store: dict, name: str, queries: dict | None = None):
+        self.store, self.name, self.queries = store, name, queries
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
         residual = hidden_states
@@ -30,7 +31,10 @@ class CaptureCrossAttention:
         context = encoder_hidden_states if cross else hidden_states
         if cross and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        query = attn.to_q(hidden_states)
+        if cross and self.queries is not None:
+            self.queries[self.name] = query
+        query = attn.head_to_batch_dim(query)
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
         mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
@@ -94,13 +98,14 @@ def cross_attention_layers(denoiser) -> list[str]:
 
 
 @contextmanager
-def capture_cross_attention(denoiser):
-    """Inside the block every cross-attention map of the last forward is in the yielded dict."""
+def capture_cross_attention(denoiser, queries: dict | None = None):
+    """Inside the block every cross-attention map of the last forward is in the yielded dict (and, given a
+    `queries` dict, every UNet cross-attention layer's queries in it)."""
     store: dict[str, torch.Tensor] = {}
     original = denoiser.attn_processors
     layers = set(cross_attention_layers(denoiser))
     joint = not any(".attn2." in name for name in layers)
-    processors = {name: (CaptureJointAttention(proc, store, name) if joint else CaptureCrossAttention(store, name))
+    processors = {name: (CaptureJointAttention(proc, store, name) if joint else CaptureCrossAttention(store, name, queries))
                   if name in layers else proc for name, proc in original.items()}
     denoiser.set_attn_processor(processors)
     try:

@@ -175,7 +175,7 @@ def cmd_mini_card(args) -> None:
 TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
                "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
                "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume", "ema_decay")
-METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run")
+METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run", "init_run", "clip")
 
 
 def train_config_from_args(args):
@@ -362,6 +362,25 @@ def cmd_bench_domain(args) -> None:
     print(f"written to {path}")
 
 
+def cmd_bench_attribute(args) -> None:
+    from .eval.minibench_attribute import ATTRIBUTE_BUDGETS, AttributeBenchSettings, run_attribute_bench
+    from .world.concepts import ATTRIBUTE_WORDS
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for row in rows:
+        if row not in ATTRIBUTE_BUDGETS:
+            raise UsageError(f"--rows: {row!r} is no row of the attribute task; choose from {', '.join(ATTRIBUTE_BUDGETS)}")
+    words = [w.strip() for w in args.words.split(",") if w.strip()]
+    if not words or any(w not in ATTRIBUTE_WORDS for w in words) or len(set(words)) != len(words):
+        raise UsageError(f"--words: {args.words!r}; give distinct words from {', '.join(ATTRIBUTE_WORDS)} "
+                         "(the incremental row learns them in that order)")
+    settings = AttributeBenchSettings(rows, words, seeds=args.seeds or (2 if args.quick else 4),
+                                      sample_steps=args.sample_steps or (20 if args.quick else 30),
+                                      images=args.images or (40 if args.quick else 300),
+                                      train_steps=args.train_steps or (80 if args.quick else None))
+    print(f"report: {run_attribute_bench(Path(args.out), settings)}")
+
+
 def cmd_bench_steps(args) -> None:
     from .eval.minibench import TOKEN, budget_settings
     from .eval.stepcost import run
@@ -512,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--images", help="folder of the concept's images")
     tr.add_argument("--token", help="the new token that names the concept, e.g. <v1>")
     tr.add_argument("--class-word", help="the concept's class, e.g. star")
-    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc, "
+    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc, spf, "
                                      "concept_centric (an uncaptioned --images folder alone)")
     tr.add_argument("--out", help="the run folder")
     tr.add_argument("--steps", type=_positive("--steps"))
@@ -547,8 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rank", type=_positive("--rank"))
     tr.add_argument("--alpha", type=float)
     tr.add_argument("--vectors", type=_positive("--vectors"))
-    tr.add_argument("--stage", choices=("1", "2", "both"), help="PureCC: which stages this run trains (default both)")
+    tr.add_argument("--stage", choices=("1", "2", "both"), help="PureCC, SPF: which stages this run trains (default both)")
     tr.add_argument("--stage1-run", help="PureCC --stage 2: the finished stage-1 run folder to start from")
+    tr.add_argument("--init-run", help="SPF: an earlier run whose LoRA stays in the model, fixed (learning attributes in turn)")
+    tr.add_argument("--clip", help="SPF: a CLIP model folder for the response-enhancement loss (none: off)")
     tr.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's own settings")
     tr.set_defaults(func=cmd_train)
 
@@ -599,6 +620,17 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--s-c", type=float, default=2.5, help="GCFG weight of the concept model (default 2.5)")
     bd.add_argument("--s-ctrl", type=float, default=2.5, help="GCFG weight of the control prompt (default 2.5)")
     bd.set_defaults(func=cmd_bench_domain)
+    ba = bench.add_parser("attribute", help="MiniBench's attribute task: SPF and LoRA teaching held-out pattern words")
+    ba.add_argument("--rows", default="lora,spf,spf_no_text,spf_no_query,spf_no_enhance,spf_no_denoise,spf_incremental")
+    ba.add_argument("--words", default="zigzag,gradient", help="the words, in the order the incremental row learns them")
+    ba.add_argument("--out", required=True)
+    ba.add_argument("--quick", action="store_true",
+                    help="a smoke run: 40 pictures per word, 2 seeds, 80 training steps (per stage), 20 sampling steps")
+    ba.add_argument("--seeds", type=_positive("--seeds"))
+    ba.add_argument("--images", type=_positive("--images"), help="captioned training pictures per word (default 300)")
+    ba.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    ba.add_argument("--train-steps", type=_positive("--train-steps"))
+    ba.set_defaults(func=cmd_bench_attribute)
     bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
     bs.add_argument("--methods", default="lora,purecc,purecc_adaptive",
                     help="budgets, the first is the reference; BUDGET@KEY=VALUE changes a setting, e.g. purecc@learner_checkpointing=false")

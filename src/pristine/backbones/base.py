@@ -174,13 +174,18 @@ class Backbone(ABC):
     def save_lora(self, adapter: str, rank: int, alpha: float, targets: list[str], out_dir: Path) -> Path:
         """pytorch_lora_weights.safetensors in the layout this family's `load_lora_weights` reads,
         rank and alpha in its metadata."""
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = get_peft_model_state_dict(self._unwrapped(self.denoiser), adapter_name=adapter)
+        return self.write_lora_layers(layers, {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}, out_dir)
+
+    def write_lora_layers(self, layers: dict[str, torch.Tensor], metadata: dict, out_dir: Path) -> Path:
+        """LoRA weights by peft name ("<module>.lora_A.weight") and their peft LoraConfig settings as
+        pytorch_lora_weights.safetensors, the file this family's `load_lora_weights` reads."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
         if self.LORA_PREFIX == "unet":  # the UNet loaders read diffusers' names; the transformer ones peft's own
             layers = convert_state_dict_to_diffusers(layers)
-        metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
         tmp = out_dir / ".lora.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         final = out_dir / "pytorch_lora_weights.safetensors"
@@ -242,6 +247,47 @@ class Backbone(ABC):
         """Latents -> pictures in [0, 1], (n, h, w, 3) float on the CPU, as the pipeline's postprocess gives."""
         images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (images * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float()
+
+    # ---- reading cross-attention (SPF) ----
+    # A family provides these when it can say which key of its cross-attention holds which word of a
+    # prompt; the others raise one line naming what is missing.
+    # LoRA targets (peft names) of the projections of cross-attention alone
+    CROSS_ATTENTION_TARGETS: ClassVar[tuple[str, ...]] = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+
+    def _no_capture(self):
+        raise UsageError(f"the {self.family} family provides no cross-attention capture here (which key holds which "
+                         "prompt word is not mapped); methods that read attention maps (spf) need an SD-family model: "
+                         "SD1.x/2.x, SDXL or pristine-mini")
+
+    def capture_attention(self, queries: dict | None = None):
+        """A context manager yielding {layer: attention probabilities (batch, heads, pixels, tokens)} of the
+        last forward, still on the graph; with `queries`, each layer's queries (batch, pixels, channels) go
+        there too."""
+        self._no_capture()
+
+    def prompt_words(self, prompt: str) -> list:
+        """Every word of the prompt with its key positions in cross-attention (phrases.PromptWord)."""
+        self._no_capture()
+
+    def phrase_positions(self, prompt: str, phrase: str) -> list[int]:
+        """Key positions of every occurrence of the phrase (all of its tokens) in the prompt."""
+        self._no_capture()
+
+    def end_positions(self, prompt: str) -> list[int]:
+        """Key positions of the end token and the padding after it."""
+        self._no_capture()
+
+    def text_token_states(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The per-token text states cross-attention reads, (batch, tokens, dim)."""
+        self._no_capture()
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The clean latent a prediction implies in one step."""
+        raise UsageError(f"the {self.family} family gives no one-step clean latent here")
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1, 1] (the inverse of `encode_images`), differentiable."""
+        raise UsageError(f"the {self.family} family decodes no latents here")
 
     # ---- inference ----
     @classmethod

@@ -22,6 +22,8 @@ class FlowMatchingBackbone(Backbone):
     LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     # MMDiT has no separate cross-attention: text enters joint attention through its own projections
     TEXT_KV = (".add_k_proj.", ".add_v_proj.")
+    # what stands for cross-attention in joint attention: the text side's keys and values
+    CROSS_ATTENTION_TARGETS = ("add_k_proj", "add_v_proj")
     ENCODES_WITH_PIPELINE = True
     TIMESTEP_SAMPLING: ClassVar[str] = "logit_normal"  # or "uniform"
     MAX_SEQUENCE_LENGTH: ClassVar[int] = 256  # T5 tokens, as the pipeline's own default
@@ -60,3 +62,10 @@ class FlowMatchingBackbone(Backbone):
 
     def target(self, x0, noise, t):
         return noise - x0
+
+    def predict_x0(self, x_t, t, pred):
+        return x_t - self.sigma(t, x_t).view(-1, *([1] * (x_t.ndim - 1))) * pred
+
+    def decode_latents(self, latents):
+        latents = latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        return self.vae.decode(latents.to(self.vae.dtype)).sample

@@ -135,6 +135,40 @@ class StableDiffusionBackbone(Backbone):
                 self.predict(self.add_noise(latents, noise, t), t, cond)
         return {n: m.finish_measuring() for n, m in modules.items() if m in pending}
 
+    def predict_x0(self, x_t, t, pred):
+        alpha = self.noise_scheduler.alphas_cumprod.to(x_t.device)[t.to(x_t.device)].view(-1, *([1] * (x_t.ndim - 1)))
+        alpha = alpha.to(x_t.dtype)
+        if self.prediction_type == "v_prediction":
+            return alpha.sqrt() * x_t - (1 - alpha).sqrt() * pred
+        return (x_t - (1 - alpha).sqrt() * pred) / alpha.sqrt()
+
+    def decode_latents(self, latents):
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+
+    # ---- reading cross-attention: keys are the CLIP tokens, start token first ----
+    def capture_attention(self, queries=None):
+        from ..attention import capture_cross_attention
+
+        return capture_cross_attention(self._unwrapped(self.denoiser), queries)
+
+    def prompt_words(self, prompt):
+        from ..phrases import prompt_words
+
+        return prompt_words(self.tokenizer, prompt, limit=self.tokenizer.model_max_length - 1)
+
+    def phrase_positions(self, prompt, phrase):
+        from ..phrases import phrase_positions
+
+        return phrase_positions(self.tokenizer, prompt, phrase, limit=self.tokenizer.model_max_length - 1)
+
+    def end_positions(self, prompt):
+        from ..phrases import end_positions
+
+        return end_positions(self.tokenizer, prompt, self.tokenizer.model_max_length)
+
+    def text_token_states(self, cond):
+        return cond["encoder_hidden_states"]
+
     # ---- outputs and inference ----
     def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
         from ..export import write_kohya

@@ -47,6 +47,8 @@ BUDGETS = {
     "purecc_adaptive": dict(steps=600, batch_size=4, lr=1e-3, method="purecc",
                             method_args={"rank": 4, "alpha": 4, "stage1_steps": 300, "stage1_lr": 1e-3, "token_lr": 5e-3,
                                          "lambda_mode": "adaptive"}),
+    # SPF's own task is the attribute one (minibench_attribute.py); this budget serves `bench steps`
+    "spf": dict(steps=600, batch_size=4, lr=1e-3, method="spf", method_args={"rank": 4, "alpha": 4, "stage1_steps": 300}),
 }
 
 # The PureCC authors' settings (METHODS.md 1, read from their code): stage 1 400 steps at batch 4, LoRA

@@ -139,7 +139,7 @@ def paired_times(jobs: dict[str, dict], steps: int = 30, warmup: int = 5) -> dic
 def run(methods: dict[str, dict], images: str, token: str, class_word: str, out: Path, model: str = "mini",
         steps: int = 30, batch_size: int = 4, repeats: int = 3, gradient_checkpointing: bool = False) -> dict:
     """`repeats` rounds of: each method alone in a fresh process (memory), then all of them in turn in
-    one process (time). PureCC's stage 2 gets a short stage-1 run first. Per method: medians over
+    one process (time). PureCC's stage 2 gets a short stage-1 run first; SPF one stage-1 step. Per method: medians over
     rounds, and the range of each round's ratio to the first method."""
     from tqdm import tqdm
 
@@ -156,6 +156,8 @@ def run(methods: dict[str, dict], images: str, token: str, class_word: str, out:
                 train(TrainConfig(out=str(stage1), model=model, method="purecc", steps=5, batch_size=batch_size,
                                   method_args={"stage": "1"}, concepts=[ConceptSpec(images, token, class_word)]))
             args.update(stage="2", stage1_run=str(stage1))
+        if method == "spf" and args.get("stage", "both") == "both":
+            args["stage1_steps"] = 1  # one stage-1 step in the warm-up: every timed step is a stage-2 step
         jobs[name] = {"method": method, "method_args": args, "images": images, "token": token,
                       "class_word": class_word, "model": model, "batch_size": batch_size,
                       "gradient_checkpointing": gradient_checkpointing,
