@@ -94,8 +94,10 @@ def world(tiny, star_images, tmp_path_factory):
     (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     (root / "just_weights").mkdir()
     shutil.copy(run / "pytorch_lora_weights.safetensors", root / "just_weights")
+    (root / "no_outputs").mkdir()
+    (root / "no_outputs" / "notes.txt").write_text("not a run\n")
     folders.update(root=root, run=run, tiny=tiny, star=star_images, empty=root / "empty",
-                   just_weights=root / "just_weights")
+                   just_weights=root / "just_weights", no_outputs=root / "no_outputs")
     return folders
 
 
@@ -245,8 +247,8 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
                                     NEW + ".png"], ["--guide 1", "w", "finite"]),
     "guide_missing_run": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", f"adapter={w['root'] / 'gone'},w=2",
                                      "--out", NEW + ".png"], ["--guide 1", "gone", "pristine train"]),
-    "guide_not_a_run": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", f"adapter={w['just_weights']},w=2",
-                                   "--out", NEW + ".png"], ["just_weights", "config.yaml"]),
+    "guide_not_a_run": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", f"adapter={w['no_outputs']},w=2",
+                                   "--out", NEW + ".png"], ["no_outputs", "config.yaml", "pytorch_lora_weights"]),
     "guide_not_key_value": (lambda w: ["sample", "--model", str(w["tiny"]), "--guide", "a star", "--out", NEW + ".png"],
                             ["--guide", "KEY=VALUE"]),
     "guide_with_adapter": (lambda w: ["sample", "--model", str(w["tiny"]), "--adapter", str(w["run"]), "--guide",

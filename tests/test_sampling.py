@@ -11,6 +11,23 @@ from pristine.cli import main
 PROMPT = "a big red star on the left, on grass"
 
 
+def _diffusers(model, run=None):
+    """The family's own diffusers pipeline with a run's files loaded, as a diffusers user loads them: the
+    reference the engine is held to."""
+    from pristine.backbones import backbone_class
+    from pristine.backbones.base import load_embeddings
+
+    from pathlib import Path
+
+    family = backbone_class(Path(model))
+    pipe = family.pipeline_class().from_pretrained(str(model), torch_dtype=torch.float32, local_files_only=True,
+                                                   use_safetensors=True, **family.PIPELINE_KWARGS)
+    if run is not None:
+        pipe.load_lora_weights(str(run), weight_name="pytorch_lora_weights.safetensors")
+        load_embeddings(pipe, run, family.TEXT_PAIRS)
+    return pipe
+
+
 def _cli(capsys, *argv):
     code = main(list(argv))
     return code, capsys.readouterr().err
@@ -36,11 +53,12 @@ def retro_images(tmp_path_factory):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
 def test_one_term_gcfg_gives_the_diffusers_pipeline_pictures(scheduler):
-    from pristine.sample import generate, load_pipeline
+    import pristine.mini
+    from pristine.sample import generate
     from pristine.sampling import Guide, sample
 
     seeds = [3, 4]
-    reference = np.stack(generate(load_pipeline("mini"), [PROMPT] * 2, seeds, steps=8, guidance=5.0, scheduler=scheduler))
+    reference = np.stack(generate(_diffusers(pristine.mini.path()), [PROMPT] * 2, seeds, steps=8, guidance=5.0, scheduler=scheduler))
     ours = np.stack(sample(guides=[Guide(prompt=PROMPT, weight=5.0)], n=2, seed=3, steps=8, scheduler=scheduler)[0])
     assert reference.std() > 10  # real pictures, not a constant
     assert np.array_equal(reference, ours)
@@ -53,7 +71,7 @@ def test_one_term_gcfg_with_a_lora_run_gives_the_pipeline_pictures(tiny, lora_ru
     from pristine.sampling import Guide, sample
 
     prompt = "a photo of <v1> star"
-    reference = np.stack(generate(load_pipeline(str(tiny), str(lora_run)), [prompt] * 2, [0, 1], steps=5, guidance=4.0))
+    reference = np.stack(generate(_diffusers(tiny, lora_run), [prompt] * 2, [0, 1], steps=5, guidance=4.0))
     term = [Guide(adapter=str(lora_run), prompt=prompt, weight=4.0)]
     # the pipeline's CFG with the run loaded takes ∅ from the run too
     ours = np.stack(sample(model=str(tiny), guides=term, unconditional=str(lora_run), n=2, steps=5)[0])
@@ -64,6 +82,31 @@ def test_one_term_gcfg_with_a_lora_run_gives_the_pipeline_pictures(tiny, lora_ru
     assert not np.array_equal(ours, gcfg) and not np.array_equal(gcfg, original)
 
 
+def test_a_lora_folder_from_another_trainer_samples_like_its_pipeline(tiny, lora_run, tmp_path, capsys):
+    """A folder with only pytorch_lora_weights.safetensors (what diffusers' LoRA scripts write) has no
+    saved settings: it is read as a LoRA, and draws what the pipeline draws with that file loaded."""
+    import shutil
+
+    from pristine.sample import generate, load_pipeline
+
+    foreign = tmp_path / "from_script"
+    foreign.mkdir()
+    shutil.copy(lora_run / "pytorch_lora_weights.safetensors", foreign)
+    prompt = "a big red star on the left, on grass"
+    code, err = _cli(capsys, "sample", "--model", str(tiny), "--adapter", str(foreign), "--prompt", prompt, "--n", "2",
+                     "--steps", "5", "--guidance", "4", "--out", str(tmp_path / "grid.png"))
+    assert code == 0, err
+    reference = generate(_diffusers(tiny, foreign), [prompt] * 2, [0, 1], steps=5, guidance=4.0)
+    plain = generate(load_pipeline(str(tiny)), [prompt] * 2, [0, 1], steps=5, guidance=4.0)
+    assert (tmp_path / "grid.png").is_file()
+    from pristine.sampling import Guide, sample
+
+    ours = sample(model=str(tiny), guides=[Guide(adapter=str(foreign), prompt=prompt, weight=4.0)],
+                  unconditional=str(foreign), n=2, steps=5)[0]  # what `--adapter` means
+    assert np.array_equal(np.stack(reference), np.stack(ours))
+    assert not np.array_equal(reference[0], plain[0])  # and the LoRA changes the picture
+
+
 def test_one_term_gcfg_on_sdxl_gives_its_pipeline_pictures_and_flow_families_keep_the_pipeline(tmp_path, capsys):
     from tiny_families import build_tiny_flux, build_tiny_sdxl
 
@@ -71,7 +114,7 @@ def test_one_term_gcfg_on_sdxl_gives_its_pipeline_pictures_and_flow_families_kee
     from pristine.sampling import Guide, sample
 
     sdxl = build_tiny_sdxl(tmp_path / "sdxl")  # its ∅ is zeros (force_zeros_for_empty_prompt), not "" encoded
-    reference = np.stack(generate(load_pipeline(str(sdxl)), ["a star"] * 2, [0, 1], steps=3, guidance=5.0))
+    reference = np.stack(generate(_diffusers(sdxl), ["a star"] * 2, [0, 1], steps=3, guidance=5.0))
     assert np.array_equal(reference, np.stack(sample(model=str(sdxl), guides=[Guide(prompt="a star", weight=5.0)],
                                                      n=2, steps=3)[0]))
     flux = build_tiny_flux(tmp_path / "flux")

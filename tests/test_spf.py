@@ -277,7 +277,14 @@ def test_incremental_run_keeps_the_first_adapter_and_writes_one_lora(tiny, zigza
     for key, delta in d_first.items():
         module = key[: -len(".weight")]
         assert torch.allclose(merged[f"{module}.base_layer.weight"], base[key] + delta, atol=1e-5)
-    pipe = load_pipeline(str(tiny), str(second))  # what `pristine sample --adapter` loads
+    from pristine.sample import generate
+
+    # what `pristine sample --adapter` loads, and what a diffusers user loads
+    assert generate(load_pipeline(str(tiny), str(second)), ["a gradient star"], [0], steps=2)[0].std() > 0
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny), torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(second), weight_name="pytorch_lora_weights.safetensors")
     pipe("a gradient star", num_inference_steps=2, output_type="np")
 
 

@@ -1,4 +1,6 @@
-"""Sampling: a base model plus any run's outputs (LoRA, embeddings, key/value weights, full model)."""
+"""Drawing pictures from a base model plus at most one run, for the demo, the benches and the eval
+presets: through the sampling engine (sampling.py) for the families it drives, through the family's
+diffusers pipeline for the others (SD3, FLUX)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,14 @@ def set_scheduler(pipe, name: str) -> None:
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 50, guidance: float = 5.0, batch: int = 50,
              desc: str = "generate", scheduler: str = "ddim") -> list[np.ndarray]:
-    """One seeded generator per image, so every picture is reproducible on its own."""
+    """One seeded generator per image, so every picture is reproducible on its own. `pipe` is what
+    `load_pipeline` gives (the engine's RunSampler, or a diffusers pipeline)."""
     from tqdm import tqdm
+
+    from .sampling import RunSampler
+
+    if isinstance(pipe, RunSampler):
+        return pipe.generate(prompts, seeds, steps=steps, guidance=guidance, batch=batch, desc=desc, scheduler=scheduler)
 
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -69,13 +77,19 @@ def run_tokens(run: Path) -> list[str]:
 
 
 def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = False):
-    """The base model with a run's outputs applied, as the family's diffusers pipeline."""
+    """The base model with a run's outputs applied: the engine's RunSampler where the engine drives the
+    family, else the family's diffusers pipeline."""
     from .backbones import backbone_class, resolve_model
     from .backbones.base import load_embeddings, pipeline_denoiser
     from .files import check_model_weights, check_safetensors
 
     folder = resolve_model(model)
     family = backbone_class(folder)
+    if family.GUIDED_SAMPLING:
+        from .sampling import RunSampler
+
+        return RunSampler(model, adapter, allow_pickle)
+    # flow families: their own pipeline with the run's files loaded
     run = Path(adapter) if adapter else None
     if run is not None and not run.is_dir():
         raise UsageError(f"--adapter {adapter}: no such run folder")

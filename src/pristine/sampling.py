@@ -150,6 +150,16 @@ class SampleSettings:
         return [self.prompts[0] if self.prompts else ""]
 
 
+def foreign_run_method(run: Path) -> str | None:
+    """The method whose inference side reads a folder another trainer wrote (diffusers' scripts, kohya
+    converted to diffusers' layout): such a folder has no saved settings, only its files say what it is."""
+    if (run / "pytorch_lora_weights.safetensors").is_file():
+        return "lora"  # a LoRA, with learned embeddings if the folder has them
+    if (run / "learned_embeds.safetensors").is_file():
+        return "textual_inversion"
+    return None
+
+
 def read_run(path: str | Path, where: str = "--guide") -> dict:
     """A finished run folder's saved settings (config.yaml), its safetensors files checked: a bad run is
     one line naming it before any model loads."""
@@ -162,8 +172,13 @@ def read_run(path: str | Path, where: str = "--guide") -> dict:
         raise UsageError(f"{where}: adapter {path}: no such run folder; give a folder written by `pristine train`")
     saved = run / "config.yaml"
     if not saved.is_file():
-        raise UsageError(f"{where}: adapter {path} has no config.yaml, so it is no pristine run; give a folder "
-                         "written by `pristine train`")
+        foreign = foreign_run_method(run)
+        if foreign is None:
+            raise UsageError(f"{where}: adapter {path} has no config.yaml and no pytorch_lora_weights.safetensors or "
+                             "learned_embeds.safetensors; give a folder written by `pristine train` or by another trainer")
+        for f in sorted(run.glob("*.safetensors")):
+            check_safetensors(f, "--adapter")
+        return {"method": foreign}
     try:
         settings = yaml.safe_load(saved.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError):
@@ -463,6 +478,27 @@ def sample(settings: SampleSettings | None = None, models: Models | None = None,
         generators = [torch.Generator().manual_seed(settings.seed + k) for k in range(settings.n)]
         out.append(list(engine.sample(terms, generators, settings.steps)))
     return out
+
+
+class RunSampler:
+    """A model with at most one run, drawn with ordinary CFG by the engine and ∅ from the run itself, as
+    the run's diffusers pipeline would draw it (tested to the same pictures): what the demo, the
+    benches and the eval presets draw with."""
+
+    def __init__(self, model: str = "mini", adapter: str | None = None, allow_pickle: bool = False):
+        self.models = Models(model, allow_pickle)
+        self.denoiser = self.models.run(adapter, "--adapter") if adapter else self.models.original
+
+    def generate(self, prompts: list[str], seeds: list[int], steps: int = 50, guidance: float = 5.0, batch: int = 50,
+                 desc: str = "generate", scheduler: str = "ddim") -> list[np.ndarray]:
+        from tqdm import tqdm
+
+        engine = sampler_for(self.models, [self.denoiser], scheduler, unconditional=self.denoiser)
+        images = []
+        for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=len(prompts) <= batch):
+            generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+            images.extend(engine.sample([Term(self.denoiser, list(prompts[i : i + batch]), guidance)], generators, steps))
+        return images
 
 
 def write_grid(rows: list[list[np.ndarray]], labels: list[str], out: Path) -> Path:

@@ -474,6 +474,12 @@ class SPF(Method):
                    for n, p in self.trainable_denoiser_params().items()}
         return stack(self.init_factors, own)
 
+    @classmethod
+    def load_denoiser(cls, run: Path, settings: dict, models):
+        from .lora import lora_run_denoiser
+
+        return lora_run_denoiser(run, models)  # every run, incremental and full ones too, is one standard LoRA
+
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         from ..checkpoint import atomic_save
         from ..lora_factors import write_lora
