@@ -175,7 +175,7 @@ def cmd_mini_card(args) -> None:
 TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
                "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
                "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume")
-METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run")
+METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run", "previous_run", "clip_model")
 
 
 def train_config_from_args(args):
@@ -222,6 +222,13 @@ def yaml_scalar(text: str):
 
 def cmd_train(args) -> None:
     from .train import train
+
+    if args.dump_pairs:  # CLIF's training pairs, written for inspection; nothing is trained (no --out needed)
+        from .methods.clif import dump_training_pairs
+
+        args.out = args.out or args.dump_pairs
+        print(f"pairs written to {dump_training_pairs(train_config_from_args(args), Path(args.dump_pairs))}")
+        return
 
     out = train(train_config_from_args(args))
     print(f"run written to {out}")
@@ -437,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--images", help="folder of the concept's images")
     tr.add_argument("--token", help="the new token that names the concept, e.g. <v1>")
     tr.add_argument("--class-word", help="the concept's class, e.g. star")
-    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc")
+    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc, clif")
     tr.add_argument("--out", help="the run folder")
     tr.add_argument("--steps", type=_positive("--steps"))
     tr.add_argument("--batch-size", type=_positive("--batch-size"))
@@ -470,8 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rank", type=_positive("--rank"))
     tr.add_argument("--alpha", type=float)
     tr.add_argument("--vectors", type=_positive("--vectors"))
-    tr.add_argument("--stage", choices=("1", "2", "both"), help="PureCC: which stages this run trains (default both)")
+    tr.add_argument("--stage", choices=("1", "2", "3", "both", "all"),
+                    help="PureCC: 1, 2 or both (default); CLIF: 1, 2, 3 or all (default)")
     tr.add_argument("--stage1-run", help="PureCC --stage 2: the finished stage-1 run folder to start from")
+    tr.add_argument("--previous-run", help="CLIF --stage 2|3: the finished run of the stage before")
+    tr.add_argument("--clip-model", help="CLIF: a local CLIP folder (default: the model's own clip/)")
+    tr.add_argument("--dump-pairs", help="CLIF: write the stage-1 pairs (PNG, masks, pairs.jsonl) to this folder and stop")
     tr.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's own settings")
     tr.set_defaults(func=cmd_train)
 
