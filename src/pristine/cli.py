@@ -294,6 +294,22 @@ def cmd_bench_mini(args) -> None:
     print(f"report: {run_bench(Path(args.out), settings)}")
 
 
+def cmd_bench_multi(args) -> None:
+    from .eval.minibench_multi import MultiSettings, budget, group_set, run_multi
+
+    try:
+        groups = group_set("quick" if args.quick and args.groups == "dev" else args.groups)
+    except KeyError as e:
+        raise UsageError(f"--groups: {e.args[0]}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        budget(m, groups[0])
+    settings = MultiSettings(methods, groups, seeds=args.seeds or (2 if args.quick else 4),
+                             sample_steps=args.sample_steps or (20 if args.quick else 30),
+                             train_steps=args.train_steps or (40 if args.quick else None))
+    print(f"results: {run_multi(Path(args.out), settings)}")
+
+
 def cmd_bench_steps(args) -> None:
     from .eval.minibench import TOKEN, budget_settings
     from .eval.stepcost import run
@@ -514,6 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
     bm.set_defaults(func=cmd_bench_mini)
+    bmm = bench.add_parser("multi", help="MiniBench multi-concept: pairs and triples of concepts in one prompt; right, "
+                           "swapped, leaked, missing per asked concept, and each concept's fidelity alone")
+    bmm.add_argument("--methods", default="lora,custom_diffusion,clif", help="rows: lora, custom_diffusion, clif")
+    bmm.add_argument("--groups", default="dev", help="dev (6 groups), or groups of concept names: a+b,c+d+e")
+    bmm.add_argument("--out", required=True)
+    bmm.add_argument("--quick", action="store_true",
+                     help="a smoke run: the first pair, 2 seeds, 40 training steps (per stage), 20 sampling steps")
+    bmm.add_argument("--seeds", type=_positive("--seeds"))
+    bmm.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    bmm.add_argument("--train-steps", type=_positive("--train-steps"), help="steps of each stage, whatever the group")
+    bmm.set_defaults(func=cmd_bench_multi)
     bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
     bs.add_argument("--methods", default="lora,purecc,purecc_adaptive",
                     help="budgets, the first is the reference; BUDGET@KEY=VALUE changes a setting, e.g. purecc@learner_checkpointing=false")
