@@ -86,6 +86,9 @@ def world(tiny, star_images, tmp_path_factory):
     (root / "latin1_prompts.txt").write_bytes("une étoile rouge\n".encode("latin-1"))
     (root / "preserve_nan.yaml").write_text(f"model: {tiny}\nout: {root / 'new'}\npreserve: class\npreserve_weight: .nan\n"
                                             f"concepts:\n  - {{images: {star_images}, token: '<v1>', class_word: star}}\n")
+    (root / "clif_two.yaml").write_text(f"model: {tiny}\nmethod: clif\nconcepts:\n"
+                                        f"  - {{images: {star_images}, token: '<v1>', class_word: star}}\n"
+                                        f"  - {{images: {star_images}, token: '<v2>', class_word: heart}}\n")
     (root / "broken.yaml").write_text("steps: [1,\n")
     (root / "unknown.yaml").write_text("stepz: 3\n")
     (root / "sample_unknown.yaml").write_text("gudies: []\n")
@@ -113,6 +116,10 @@ def _png_declaring(width: int, height: int) -> bytes:
 def _train(w, images="star", *extra):
     return ["train", "--model", str(w["tiny"]), "--images", str(w[images]), "--token", "<v1>", "--class-word", "star",
             "--steps", "1", *extra]
+
+
+def _clif(w, *extra):  # two concepts from a YAML file, the tiny model (which has no clip/ folder)
+    return ["train", "--config", str(w["root"] / "clif_two.yaml"), "--steps", "1", *extra]
 
 
 def _resume(w, *extra):  # the existing run's own settings, then a change
@@ -180,6 +187,17 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
     "purecc_base_preserve_negative": (lambda w: _train(w, "star", "--method", "purecc", "--method-arg", "base_branch=original",
                                                        "--method-arg", "base_preserve_weight=-1", "--out", NEW),
                                       ["base_preserve_weight", "-1"]),
+    # CLIF
+    "clif_one_concept": (lambda w: _train(w, "star", "--method", "clif", "--out", NEW), ["concepts", "two or more"]),
+    "clif_no_clip_folder": (lambda w: _clif(w, "--out", NEW), ["clip", "clip/", "--clip"]),
+    "clif_clip_not_clip": (lambda w: _clif(w, "--out", NEW, "--clip", str(w["tiny"] / "text_encoder")),
+                           ["clip", "not CLIP"]),
+    "clif_stage_unknown": (lambda w: _clif(w, "--out", NEW, "--method-arg", "stage=4"), ["stage", "'4'"]),
+    "clif_stage2_alone": (lambda w: _clif(w, "--out", NEW, "--stage", "2"), ["previous_run", "--previous-run"]),
+    "clif_previous_not_clif": (lambda w: _clif(w, "--out", NEW, "--stage", "2", "--previous-run", str(w["run"])),
+                               ["previous_run", "not a CLIF stage-1 run"]),
+    "clif_pairs_batch_one": (lambda w: _clif(w, "--out", NEW, "--method-arg", "pairs_batch=1"), ["pairs_batch", "2 pairs"]),
+    "dump_pairs_not_clif": (lambda w: _train(w, "star", "--dump-pairs", NEW), ["--dump-pairs", "--method clif"]),
     "token_in_vocabulary": (lambda w: ["train", "--model", str(w["tiny"]), "--images", str(w["star"]), "--token", "star",
                                        "--class-word", "star", "--steps", "1", "--out", NEW], ["vocabulary"]),
     # SPF

@@ -29,3 +29,18 @@ def build_tiny_sd(folder: Path, prediction_type: str = "epsilon", layers_per_blo
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_clip(folder: Path, text_width: int = 32, image_size: int = 16) -> Path:
+    """A tiny CLIPModel (random weights) whose text projection takes the tiny model's text width (CLIF's stage 1)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=text_width, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+                                         eos_token_id=49407, pad_token_id=49407),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=image_size, patch_size=4),
+                        projection_dim=24)
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder

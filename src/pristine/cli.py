@@ -175,7 +175,7 @@ def cmd_mini_card(args) -> None:
 TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
                "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
                "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume", "ema_decay")
-METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run", "init_run", "clip")
+METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run", "init_run", "clip", "previous_run")
 
 
 def train_config_from_args(args):
@@ -227,6 +227,13 @@ def yaml_scalar(text: str):
 
 def cmd_train(args) -> None:
     from .train import train
+
+    if args.dump_pairs:  # CLIF's training pairs, written for inspection; nothing is trained (no --out needed)
+        from .methods.clif import dump_training_pairs
+
+        args.out = args.out or args.dump_pairs
+        print(f"pairs written to {dump_training_pairs(train_config_from_args(args), Path(args.dump_pairs))}")
+        return
 
     out = train(train_config_from_args(args))
     print(f"run written to {out}")
@@ -381,6 +388,22 @@ def cmd_bench_attribute(args) -> None:
     print(f"report: {run_attribute_bench(Path(args.out), settings)}")
 
 
+def cmd_bench_multi(args) -> None:
+    from .eval.minibench_multi import MultiSettings, budget, group_set, run_multi
+
+    try:
+        groups = group_set("quick" if args.quick and args.groups == "dev" else args.groups)
+    except KeyError as e:
+        raise UsageError(f"--groups: {e.args[0]}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        budget(m, groups[0])
+    settings = MultiSettings(methods, groups, seeds=args.seeds or (2 if args.quick else 4),
+                             sample_steps=args.sample_steps or (20 if args.quick else 30),
+                             train_steps=args.train_steps or (40 if args.quick else None))
+    print(f"results: {run_multi(Path(args.out), settings)}")
+
+
 def cmd_bench_steps(args) -> None:
     from .eval.minibench import TOKEN, budget_settings
     from .eval.stepcost import run
@@ -531,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--images", help="folder of the concept's images")
     tr.add_argument("--token", help="the new token that names the concept, e.g. <v1>")
     tr.add_argument("--class-word", help="the concept's class, e.g. star")
-    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc, spf, "
+    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc, spf, clif, "
                                      "concept_centric (an uncaptioned --images folder alone)")
     tr.add_argument("--out", help="the run folder")
     tr.add_argument("--steps", type=_positive("--steps"))
@@ -566,10 +589,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rank", type=_positive("--rank"))
     tr.add_argument("--alpha", type=float)
     tr.add_argument("--vectors", type=_positive("--vectors"))
-    tr.add_argument("--stage", choices=("1", "2", "both"), help="PureCC, SPF: which stages this run trains (default both)")
+    tr.add_argument("--stage", choices=("1", "2", "3", "both", "all"),
+                    help="PureCC, SPF: 1, 2 or both (default); CLIF: 1, 2, 3 or all (default)")
     tr.add_argument("--stage1-run", help="PureCC --stage 2: the finished stage-1 run folder to start from")
+    tr.add_argument("--previous-run", help="CLIF --stage 2|3: the finished run of the stage before")
     tr.add_argument("--init-run", help="SPF: an earlier run whose LoRA stays in the model, fixed (learning attributes in turn)")
-    tr.add_argument("--clip", help="SPF: a CLIP model folder for the response-enhancement loss (none: off)")
+    tr.add_argument("--clip", help="SPF, CLIF: a local CLIP model folder (default: the model's own clip/; SPF: none turns its "
+                                   "response-enhancement loss off)")
+    tr.add_argument("--dump-pairs", help="CLIF: write the stage-1 pairs (PNG, masks, pairs.jsonl) to this folder and stop")
     tr.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's own settings")
     tr.set_defaults(func=cmd_train)
 
@@ -631,6 +658,17 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--sample-steps", type=_positive("--sample-steps"))
     ba.add_argument("--train-steps", type=_positive("--train-steps"))
     ba.set_defaults(func=cmd_bench_attribute)
+    bmm = bench.add_parser("multi", help="MiniBench multi-concept: pairs and triples of concepts in one prompt; right, "
+                           "swapped, leaked, missing per asked concept, and each concept's fidelity alone")
+    bmm.add_argument("--methods", default="lora,custom_diffusion,clif", help="rows: lora, custom_diffusion, clif")
+    bmm.add_argument("--groups", default="dev", help="dev (6 groups), or groups of concept names: a+b,c+d+e")
+    bmm.add_argument("--out", required=True)
+    bmm.add_argument("--quick", action="store_true",
+                     help="a smoke run: the first pair, 2 seeds, 40 training steps (per stage), 20 sampling steps")
+    bmm.add_argument("--seeds", type=_positive("--seeds"))
+    bmm.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    bmm.add_argument("--train-steps", type=_positive("--train-steps"), help="steps of each stage, whatever the group")
+    bmm.set_defaults(func=cmd_bench_multi)
     bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
     bs.add_argument("--methods", default="lora,purecc,purecc_adaptive",
                     help="budgets, the first is the reference; BUDGET@KEY=VALUE changes a setting, e.g. purecc@learner_checkpointing=false")

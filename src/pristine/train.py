@@ -527,6 +527,7 @@ def run_training(config: TrainConfig):
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                method.adjust_learning_rates(optimizer.param_groups, step)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()

@@ -331,6 +331,10 @@ class Method:
         """The denoiser weights this method trains, by name (checkpoints save exactly these)."""
         return {}
 
+    def adjust_learning_rates(self, param_groups: list[dict], step: int) -> None:
+        """Called before each optimizer step, after the scheduler set the rates: a method whose stages train
+        one tensor at different rates (CLIF's token rows) changes its groups' `lr` here; most do nothing."""
+
     def base_weights_trained(self) -> dict[str, torch.nn.Parameter]:
         """Base weights this method trains in place (Custom Diffusion's K/V), by denoiser parameter name:
         output preservation keeps their loaded values to put back for the original's prediction."""

@@ -53,10 +53,14 @@ def write_renders(out: Path, n: int, seed: int = 0, size: int = 32, part: str = 
     return out
 
 
-def write_concept_folder(concept, token: str, folder: Path, n: int = 5) -> Path:
-    """A concept's references as a user brings them: PNGs with a caption (.txt) naming the token."""
+def write_concept_folder(concept, token: str, folder: Path, n: int = 5, masks: bool = False) -> Path:
+    """A concept's references as a user brings them: PNGs with a caption (.txt) naming the token, and with
+    `masks` the concept's mask beside each (`00_mask0.png`, white = the concept: CLIF's Region pairs)."""
     folder.mkdir(parents=True, exist_ok=True)
     for k, scene in enumerate(concept.references(n)):
-        Image.fromarray(render(scene)[0]).save(folder / f"{k:02d}.png")
+        image, object_masks = render(scene)
+        Image.fromarray(image).save(folder / f"{k:02d}.png")
         (folder / f"{k:02d}.txt").write_text(concept.prompt(token, scene))
+        if masks:
+            Image.fromarray(object_masks[0].astype(np.uint8) * 255).save(folder / f"{k:02d}_mask0.png")
     return folder
