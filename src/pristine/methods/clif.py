@@ -295,6 +295,15 @@ class Clif(Method):
     def trainable_denoiser_params(self):
         return lora_params(self.backbone.denoiser, ADAPTER) if 3 in self.config.stages() else {}
 
+    @classmethod
+    def load_denoiser(cls, run: Path, settings: dict, models):
+        from ..sampling import Denoiser
+        from .lora import lora_run_denoiser
+
+        if (run / "pytorch_lora_weights.safetensors").is_file():  # stage 3: the LoRA with the embeddings
+            return lora_run_denoiser(run, models)
+        return Denoiser(models.backbone(), run.name, models.load_tokens(run))  # stages 1-2: embeddings only
+
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         paths = [self.tokens.save(out_dir)]
         if 3 in self.config.stages():
