@@ -174,7 +174,8 @@ def cmd_mini_card(args) -> None:
 # flag -> config key, for the flags that map one to one
 TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
                "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
-               "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume", "ema_decay")
+               "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume", "ema_decay",
+               "n_ctx", "n_end", "ctx_lr_scale")
 METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run", "init_run", "clip")
 
 
@@ -187,7 +188,7 @@ def train_config_from_args(args):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
-    for key in ("prior_preservation", "gradient_checkpointing", "use_8bit_adam", "overwrite", "allow_pickle"):
+    for key in ("prior_preservation", "gradient_checkpointing", "use_8bit_adam", "overwrite", "allow_pickle", "ico"):
         if getattr(args, key):
             values[key] = True
     if args.no_flip:
@@ -552,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preserve", help="output preservation (lora, custom_diffusion, purecc): class (the caption with the "
                     "class word for the token), unrelated (fixed world prompts) or a file of prompts, one per line")
     tr.add_argument("--preserve-weight", type=float, help="weight of the output-preservation loss (default 1.0)")
+    tr.add_argument("--ico", action="store_true", help="ICO: each training image its own context vectors around "
+                    "'<v> <class>' (lora, dreambooth, custom_diffusion, purecc, textual_inversion); dropped at inference")
+    tr.add_argument("--n-ctx", type=int, help="ICO: context vectors before the token (default 1)")
+    tr.add_argument("--n-end", type=int, help="ICO: context vectors after the class word (default 1)")
+    tr.add_argument("--ctx-lr-scale", type=float, help="ICO: the contexts' learning rate over the run's (default 10)")
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--use-8bit-adam", action="store_true")
     tr.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"))
