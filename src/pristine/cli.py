@@ -240,9 +240,11 @@ def sample_settings_from_args(args):
 
     values = load_config_file(args.config) if args.config else {}
     where = args.config or "flags"
-    for key in ("model", "n", "seed", "steps", "scheduler"):
+    for key in ("model", "n", "seed", "steps", "scheduler", "sampler", "agg_time", "dci_lambda"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    if args.dci_own_guidance:
+        values["shared_guidance"] = False
     if args.allow_pickle:
         values["allow_pickle"] = True
     if args.prompt:
@@ -595,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--steps", type=_positive("--steps"), help="sampling steps (default 50)")
     sa.add_argument("--guidance", type=float, help="the weight of the one term given by --adapter/--prompt (default 5)")
     sa.add_argument("--scheduler", help="ddim (default), euler or ddpm")
+    sa.add_argument("--sampler", help="dci: DCI's concept and auxiliary branches for the early steps (default: the "
+                                      "engine's loop)")
+    sa.add_argument("--agg-time", type=float, help="dci: the early fraction of the steps with both branches (default 0.3)")
+    sa.add_argument("--dci-lambda", type=float, help="dci: λ in [-2, 2], the auxiliary branch's pull (default 0)")
+    sa.add_argument("--dci-own-guidance", action="store_true",
+                    help="dci: guide the auxiliary branch from its own f(∅) (default: the concept branch's, shared)")
     sa.add_argument("--no-token-ok", action="store_true", help="allow prompts without the run's token")
     sa.add_argument("--allow-pickle", action="store_true",
                     help="load a model whose weights are pickles (.bin); a pickle can run code, use trusted files only")
