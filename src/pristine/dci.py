@@ -152,7 +152,9 @@ class DCISampler(GuidedSampler):
         found = [i for i, term in enumerate(terms)
                  if any(phrase_spans(p, t) for p in term.prompts for t in run_tokens(term.denoiser))]
         if len(found) != 1:
-            what = "no guidance term names its run's token" if not found else f"{len(found)} terms name their run's token"
+            tokens = sorted({t for term in terms for t in run_tokens(term.denoiser)})
+            what = (f"no guidance term's prompt names its run's token ({', '.join(tokens) or 'no run given'})" if not found
+                    else f"{len(found)} terms name their run's token")
             raise UsageError(f"--sampler dci: {what}; DCI needs exactly one concept term (--adapter RUN with a prompt "
                              "naming its token)")
         return found[0]
@@ -207,8 +209,8 @@ class DCISampler(GuidedSampler):
         total = scheduler.config.num_train_timesteps
         early = [float(t) / total > 1 - self.agg_time for t in scheduler.timesteps]
         restore = None
+        k = self.concept_term(terms) if self.agg_time > 0 else None  # a misuse is told whatever the steps
         if any(early):
-            k = self.concept_term(terms)
             aux_prompts, plan = self.plan(terms[k], len(generators))
             aux_cond = terms[k].denoiser.encode(aux_prompts)
             aux_generators = [torch.Generator().manual_seed(g.initial_seed() + AUX_SEED_OFFSET) for g in generators]
