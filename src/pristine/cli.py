@@ -365,6 +365,30 @@ def cmd_bench_domain(args) -> None:
     print(f"written to {path}")
 
 
+def cmd_bench_context(args) -> None:
+    from .eval.minibench import concept_set
+    from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, run_context_bench
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for row in rows:
+        if row not in CONTEXT_ROWS:
+            raise UsageError(f"--rows: {row!r} is no row of the context task; choose from {', '.join(CONTEXT_ROWS)}")
+    if not rows:
+        raise UsageError(f"--rows: none given; choose from {', '.join(CONTEXT_ROWS)}")
+    for flag, value, low, high in (("--agg-time", args.agg_time, 0, 1), ("--dci-lambda", args.dci_lambda, -2, 2)):
+        if not low <= value <= high:
+            raise UsageError(f"{flag}: must be a number from {low} to {high}, got {value}")
+    try:
+        concepts = concept_set("quick" if args.quick and args.concepts == "dev" else args.concepts)
+    except KeyError as e:
+        raise UsageError(f"--concepts: {e.args[0]}")
+    settings = ContextBenchSettings(rows, concepts, seeds=args.seeds or (2 if args.quick else 4),
+                                    sample_steps=args.sample_steps or (20 if args.quick else 30),
+                                    agg_time=args.agg_time, dci_lambda=args.dci_lambda,
+                                    train_steps=args.train_steps or (80 if args.quick else None))
+    print(f"table: {run_context_bench(Path(args.out), settings)}")
+
+
 def cmd_bench_attribute(args) -> None:
     from .eval.minibench_attribute import ATTRIBUTE_BUDGETS, AttributeBenchSettings, run_attribute_bench
     from .world.concepts import ATTRIBUTE_WORDS
@@ -634,6 +658,19 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--s-c", type=float, default=2.5, help="GCFG weight of the concept model (default 2.5)")
     bd.add_argument("--s-ctrl", type=float, default=2.5, help="GCFG weight of the control prompt (default 2.5)")
     bd.set_defaults(func=cmd_bench_domain)
+    bc = bench.add_parser("context", help="MiniBench's context task: ICO and DCI with LoRA and Custom Diffusion, "
+                                          "prompts that change the concept's context")
+    bc.add_argument("--rows", default=",".join(["lora", "lora_ico", "lora_dci", "lora_ico_dci", "custom_diffusion",
+                                                "custom_diffusion_ico", "custom_diffusion_dci", "custom_diffusion_ico_dci"]))
+    bc.add_argument("--concepts", default="dev", help="dev (12), or concept names; never tune on final")
+    bc.add_argument("--out", required=True)
+    bc.add_argument("--quick", action="store_true", help="a smoke run: 3 concepts, 2 seeds, 80 training steps, 20 sampling steps")
+    bc.add_argument("--seeds", type=_positive("--seeds"))
+    bc.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    bc.add_argument("--train-steps", type=_positive("--train-steps"))
+    bc.add_argument("--agg-time", type=float, default=0.3, help="DCI rows: the early fraction of the steps (default 0.3)")
+    bc.add_argument("--dci-lambda", type=float, default=0.0, help="DCI rows: λ in [-2, 2] (default 0)")
+    bc.set_defaults(func=cmd_bench_context)
     ba = bench.add_parser("attribute", help="MiniBench's attribute task: SPF and LoRA teaching held-out pattern words")
     ba.add_argument("--rows", default="lora,spf,spf_no_text,spf_no_query,spf_no_enhance,spf_no_denoise,spf_incremental")
     ba.add_argument("--words", default="zigzag,gradient", help="the words, in the order the incremental row learns them")
