@@ -274,7 +274,9 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
     "dci_prompt_without_token": (lambda w: ["sample", "--model", str(w["tiny"]), "--adapter", str(w["run"]), "--prompt",
                                             "a red star", "--no-token-ok", "--sampler", "dci", "--steps", "2", "--n", "1",
                                             "--out", NEW + ".png"], ["--sampler dci", "<v1>"]),
-    "ema_decay_one": (lambda w: _train(w, "star", "--ema-decay", "1", "--out", NEW), ["ema_decay"]),
+    "bench_context_unknown_row": (lambda w: ["bench", "context", "--rows", "lora,magic", "--out", NEW], ["--rows", "magic"]),
+    "bench_context_agg_time": (lambda w: ["bench", "context", "--agg-time", "2", "--out", NEW], ["--agg-time", "2"]),
+        "ema_decay_one": (lambda w: _train(w, "star", "--ema-decay", "1", "--out", NEW), ["ema_decay"]),
     "text_free_with_prior": (lambda w: _train(w, "star", "--method", "concept_centric", "--prior-preservation", "--out", NEW),
                              ["prior_preservation", "concept_centric"]),
     # evaluation

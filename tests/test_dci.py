@@ -203,3 +203,18 @@ def test_dci_refuses_a_prompt_without_the_token(tiny, lora_run):
     with pytest.raises(UsageError, match="--sampler dci"):
         sample(models=Models(str(tiny)), sampler="dci", guides=[Guide(adapter=str(lora_run), prompt="a star", weight=5.0)],
                n=1, steps=2)
+
+
+def test_context_bench_rows_share_runs_between_dci_and_plain_and_add_ico_to_training():
+    from pristine.eval.minibench import BUDGETS
+    from pristine.eval.minibench_context import CONTEXT_ROWS, row_training
+
+    assert {name for name in CONTEXT_ROWS} == {f"{m}{s}" for m in ("lora", "custom_diffusion")
+                                              for s in ("", "_ico", "_dci", "_ico_dci")}
+    for method in ("lora", "custom_diffusion"):
+        plain, ico = row_training(method, None), row_training(f"{method}_ico", None)
+        assert row_training(f"{method}_dci", None) == plain and row_training(f"{method}_ico_dci", None) == ico
+        assert plain[0] != ico[0]  # their own run folders
+        assert "ico" not in plain[2] and ico[2]["ico"] is True
+        assert ico[2]["lr"] == plain[2]["lr"] == BUDGETS[method]["lr"]
+    assert row_training("lora_ico", 7)[2]["steps"] == 7
