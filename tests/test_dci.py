@@ -218,3 +218,36 @@ def test_context_bench_rows_share_runs_between_dci_and_plain_and_add_ico_to_trai
         assert "ico" not in plain[2] and ico[2]["ico"] is True
         assert ico[2]["lr"] == plain[2]["lr"] == BUDGETS[method]["lr"]
     assert row_training("lora_ico", 7)[2]["steps"] == 7
+
+
+def test_ico_resumes_from_a_checkpoint_to_the_same_contexts_and_outputs(tiny, star_images, tmp_path):
+    import shutil
+
+    flags = ["--steps", "4", "--checkpoint-every", "2", "--ico"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert _train(tiny, star_images, whole, *flags) == 0
+    shutil.copytree(whole, resumed)
+    for name in ("DONE", "pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        (resumed / name).unlink()
+    (resumed / "checkpoints" / "step_0000004.safetensors").unlink()  # as if stopped after step 2
+    assert _train(tiny, star_images, resumed, *flags, "--resume", "latest") == 0
+    last = "checkpoints/step_0000004.safetensors"
+    a, b = load_file(str(whole / last)), load_file(str(resumed / last))
+    assert torch.equal(a["trainable.contexts.prefix"], b["trainable.contexts.prefix"])
+    assert torch.equal(a["trainable.contexts.suffix"], b["trainable.contexts.suffix"])
+    step2 = load_file(str(whole / "checkpoints/step_0000002.safetensors"))
+    assert not torch.equal(step2["trainable.contexts.prefix"], a["trainable.contexts.prefix"])  # steps 3-4 moved them
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        wa, wb = load_file(str(whole / name)), load_file(str(resumed / name))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ico_is_refused_in_one_line_by_a_family_without_a_place_for_contexts(tmp_path):
+    from tiny_families import build_tiny_sdxl
+
+    from pristine.backbones import load_backbone
+    from pristine.errors import UsageError
+
+    bb = load_backbone(str(build_tiny_sdxl(tmp_path / "sdxl")))
+    with pytest.raises(UsageError, match="--ico: the sdxl family"):
+        bb.context_init("a", 1)
