@@ -174,7 +174,8 @@ def cmd_mini_card(args) -> None:
 # flag -> config key, for the flags that map one to one
 TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
                "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
-               "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume", "ema_decay")
+               "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume", "ema_decay",
+               "n_ctx", "n_end", "ctx_lr_scale")
 METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run", "init_run", "clip", "previous_run")
 
 
@@ -187,7 +188,7 @@ def train_config_from_args(args):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
-    for key in ("prior_preservation", "gradient_checkpointing", "use_8bit_adam", "overwrite", "allow_pickle"):
+    for key in ("prior_preservation", "gradient_checkpointing", "use_8bit_adam", "overwrite", "allow_pickle", "ico"):
         if getattr(args, key):
             values[key] = True
     if args.no_flip:
@@ -246,9 +247,11 @@ def sample_settings_from_args(args):
 
     values = load_config_file(args.config) if args.config else {}
     where = args.config or "flags"
-    for key in ("model", "n", "seed", "steps", "scheduler"):
+    for key in ("model", "n", "seed", "steps", "scheduler", "sampler", "agg_time", "dci_lambda"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    if args.dci_own_guidance:
+        values["shared_guidance"] = False
     if args.allow_pickle:
         values["allow_pickle"] = True
     if args.prompt:
@@ -367,6 +370,30 @@ def cmd_bench_domain(args) -> None:
     path = run_domain_bench(Path(args.out), settings)
     print(table(json.loads(path.read_text())))
     print(f"written to {path}")
+
+
+def cmd_bench_context(args) -> None:
+    from .eval.minibench import concept_set
+    from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, run_context_bench
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for row in rows:
+        if row not in CONTEXT_ROWS:
+            raise UsageError(f"--rows: {row!r} is no row of the context task; choose from {', '.join(CONTEXT_ROWS)}")
+    if not rows:
+        raise UsageError(f"--rows: none given; choose from {', '.join(CONTEXT_ROWS)}")
+    for flag, value, low, high in (("--agg-time", args.agg_time, 0, 1), ("--dci-lambda", args.dci_lambda, -2, 2)):
+        if not low <= value <= high:
+            raise UsageError(f"{flag}: must be a number from {low} to {high}, got {value}")
+    try:
+        concepts = concept_set("quick" if args.quick and args.concepts == "dev" else args.concepts)
+    except KeyError as e:
+        raise UsageError(f"--concepts: {e.args[0]}")
+    settings = ContextBenchSettings(rows, concepts, seeds=args.seeds or (2 if args.quick else 4),
+                                    sample_steps=args.sample_steps or (20 if args.quick else 30),
+                                    agg_time=args.agg_time, dci_lambda=args.dci_lambda,
+                                    train_steps=args.train_steps or (80 if args.quick else None))
+    print(f"table: {run_context_bench(Path(args.out), settings)}")
 
 
 def cmd_bench_attribute(args) -> None:
@@ -575,6 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preserve", help="output preservation (lora, custom_diffusion, purecc): class (the caption with the "
                     "class word for the token), unrelated (fixed world prompts) or a file of prompts, one per line")
     tr.add_argument("--preserve-weight", type=float, help="weight of the output-preservation loss (default 1.0)")
+    tr.add_argument("--ico", action="store_true", help="ICO: each training image its own context vectors around "
+                    "'<v> <class>' (lora, dreambooth, custom_diffusion, purecc, textual_inversion); dropped at inference")
+    tr.add_argument("--n-ctx", type=int, help="ICO: context vectors before the token (default 1)")
+    tr.add_argument("--n-end", type=int, help="ICO: context vectors after the class word (default 1)")
+    tr.add_argument("--ctx-lr-scale", type=float, help="ICO: the contexts' learning rate over the run's (default 10)")
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--use-8bit-adam", action="store_true")
     tr.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"))
@@ -616,6 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--steps", type=_positive("--steps"), help="sampling steps (default 50)")
     sa.add_argument("--guidance", type=float, help="the weight of the one term given by --adapter/--prompt (default 5)")
     sa.add_argument("--scheduler", help="ddim (default), euler or ddpm")
+    sa.add_argument("--sampler", help="dci: DCI's concept and auxiliary branches for the early steps (default: the "
+                                      "engine's loop)")
+    sa.add_argument("--agg-time", type=float, help="dci: the early fraction of the steps with both branches (default 0.3)")
+    sa.add_argument("--dci-lambda", type=float, help="dci: λ in [-2, 2], the auxiliary branch's pull (default 0)")
+    sa.add_argument("--dci-own-guidance", action="store_true",
+                    help="dci: guide the auxiliary branch from its own f(∅) (default: the concept branch's, shared)")
     sa.add_argument("--no-token-ok", action="store_true", help="allow prompts without the run's token")
     sa.add_argument("--allow-pickle", action="store_true",
                     help="load a model whose weights are pickles (.bin); a pickle can run code, use trusted files only")
@@ -647,6 +685,19 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--s-c", type=float, default=2.5, help="GCFG weight of the concept model (default 2.5)")
     bd.add_argument("--s-ctrl", type=float, default=2.5, help="GCFG weight of the control prompt (default 2.5)")
     bd.set_defaults(func=cmd_bench_domain)
+    bc = bench.add_parser("context", help="MiniBench's context task: ICO and DCI with LoRA and Custom Diffusion, "
+                                          "prompts that change the concept's context")
+    bc.add_argument("--rows", default=",".join(["lora", "lora_ico", "lora_dci", "lora_ico_dci", "custom_diffusion",
+                                                "custom_diffusion_ico", "custom_diffusion_dci", "custom_diffusion_ico_dci"]))
+    bc.add_argument("--concepts", default="dev", help="dev (12), or concept names; never tune on final")
+    bc.add_argument("--out", required=True)
+    bc.add_argument("--quick", action="store_true", help="a smoke run: 3 concepts, 2 seeds, 80 training steps, 20 sampling steps")
+    bc.add_argument("--seeds", type=_positive("--seeds"))
+    bc.add_argument("--sample-steps", type=_positive("--sample-steps"))
+    bc.add_argument("--train-steps", type=_positive("--train-steps"))
+    bc.add_argument("--agg-time", type=float, default=0.3, help="DCI rows: the early fraction of the steps (default 0.3)")
+    bc.add_argument("--dci-lambda", type=float, default=0.0, help="DCI rows: λ in [-2, 2] (default 0)")
+    bc.set_defaults(func=cmd_bench_context)
     ba = bench.add_parser("attribute", help="MiniBench's attribute task: SPF and LoRA teaching held-out pattern words")
     ba.add_argument("--rows", default="lora,spf,spf_no_text,spf_no_query,spf_no_enhance,spf_no_denoise,spf_incremental")
     ba.add_argument("--words", default="zigzag,gradient", help="the words, in the order the incremental row learns them")

@@ -29,6 +29,7 @@ import torch
 from .errors import UsageError
 
 SCHEDULERS = ("ddim", "euler", "ddpm")
+SAMPLERS = ("", "dci")  # "": the engine's loop (or a run's method's own sampler)
 PROMPT_SLOT = "{prompt}"  # in a guide's prompt: the grid row's --prompt
 
 
@@ -101,10 +102,16 @@ class SampleSettings:
     # where f(∅) comes from: empty, the frozen original (GCFG); a run folder, that run's own ∅ (ordinary
     # CFG with a customized model, as its diffusers pipeline samples it: `--adapter`)
     unconditional: str = ""
+    # the loop: "" the engine's (or the one a run's method brings), "dci" DCI's two branches (dci.py)
+    sampler: str = ""
+    agg_time: float = 0.3  # dci: the early fraction of the steps with the auxiliary branch
+    dci_lambda: float = 0.0  # dci: λ, the auxiliary branch's pull in the blend, in [-2, 2]
+    shared_guidance: bool = True  # dci: the auxiliary branch guided from the concept branch's f(∅)
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "SampleSettings":
-        known = {"guides", "prompts", "model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional"}
+        known = {"guides", "prompts", "model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional",
+                 "sampler", "agg_time", "dci_lambda", "shared_guidance"}
         for key in values:
             if key not in known:
                 raise UsageError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
@@ -117,8 +124,8 @@ class SampleSettings:
         settings = cls(guides=[g if isinstance(g, Guide) else Guide.from_dict(g, f"{where}.guides[{i}]")
                                for i, g in enumerate(guides)],
                        prompts=[str(p) for p in prompts],
-                       **{k: values[k] for k in ("model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional")
-                          if k in values})
+                       **{k: values[k] for k in ("model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional",
+                                                 "sampler", "agg_time", "dci_lambda", "shared_guidance") if k in values})
         settings.validate(where)
         return settings
 
@@ -131,6 +138,15 @@ class SampleSettings:
             raise UsageError(f"{where}.seed: must be a whole number, got {self.seed!r}")
         if not isinstance(self.model, str) or not isinstance(self.unconditional, str):
             raise UsageError(f"{where}: model and unconditional are folder names (or 'mini'), got {self.model!r}")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"{where}.sampler (--sampler): {self.sampler!r} is unknown; choose dci, or leave it out "
+                             "for the engine's own loop")
+        for name, flag, low, high in (("agg_time", "--agg-time", 0.0, 1.0), ("dci_lambda", "--dci-lambda", -2.0, 2.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise UsageError(f"{where}.{name} ({flag}): must be a number from {low:g} to {high:g}, got {value!r}")
+        if not isinstance(self.shared_guidance, bool):
+            raise UsageError(f"{where}.shared_guidance: true or false, got {self.shared_guidance!r}")
         if self.scheduler not in SCHEDULERS:
             raise UsageError(f"{where}.scheduler: {self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         if not self.guides:
@@ -318,6 +334,7 @@ class Models:
         method = get_method(settings["method"])
         denoiser = method.load_denoiser(run, settings, self)
         denoiser.method = method
+        denoiser.concepts = settings.get("concepts") or []  # tokens and class words (DCI reads them)
         self._runs[key] = denoiser
         return denoiser
 
@@ -428,6 +445,13 @@ class GuidedSampler:
     @torch.no_grad()
     def sample(self, terms: list[Term], generators: list[torch.Generator], steps: int) -> np.ndarray:
         """Pictures (n, h, w, 3) uint8, one per generator."""
+        scheduler, latents, extra = self.start(generators, steps)
+        for t in scheduler.timesteps:
+            latents = self.step(scheduler, t, latents, terms, extra)
+        return self.finish(latents)
+
+    def start(self, generators: list[torch.Generator], steps: int) -> tuple:
+        """(scheduler with its timesteps set, starting latents from the generators, the step's extra arguments)."""
         import inspect
 
         from diffusers.utils.torch_utils import randn_tensor
@@ -440,17 +464,31 @@ class GuidedSampler:
         latents = latents * scheduler.init_noise_sigma
         accepted = set(inspect.signature(scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in accepted}
-        for t in scheduler.timesteps:
-            x = scheduler.scale_model_input(latents, t)
-            f0, fs = self.predictions(x, t, terms)
-            latents = scheduler.step(self.combine(f0, fs, terms), t, latents, **extra, return_dict=False)[0]
-        images = bb.decode_images(latents).numpy()
+        return scheduler, latents, extra
+
+    def step(self, scheduler, t, latents: torch.Tensor, terms: list[Term], extra: dict) -> torch.Tensor:
+        """One denoising step of the guided prediction."""
+        x = scheduler.scale_model_input(latents, t)
+        f0, fs = self.predictions(x, t, terms)
+        return scheduler.step(self.combine(f0, fs, terms), t, latents, **extra, return_dict=False)[0]
+
+    def finish(self, latents: torch.Tensor) -> np.ndarray:
+        images = self.backbone.decode_images(latents).numpy()
         return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def sampler_for(models: Models, denoisers: list[Denoiser], scheduler: str, unconditional: Denoiser | None = None) -> GuidedSampler:
-    """The engine, or the one sampler class a term's method brings; ∅ from `unconditional` (default: the original)."""
+def sampler_for(models: Models, denoisers: list[Denoiser], scheduler: str, unconditional: Denoiser | None = None,
+                sampler: str = "", **options) -> GuidedSampler:
+    """The engine, or the one sampler class a term's method brings, or the one named (`sampler`, with its
+    `options`); ∅ from `unconditional` (default: the original)."""
     classes = {d.method.sampler for d in denoisers if getattr(getattr(d, "method", None), "sampler", None)}
+    if sampler == "dci":
+        from .dci import DCISampler
+
+        if classes:
+            raise UsageError(f"--sampler dci: the runs bring their own sampler ({', '.join(c.__name__ for c in classes)}); "
+                             "sample them without --sampler")
+        return DCISampler(unconditional or models.original, scheduler, **options)
     if len(classes) > 1:
         raise UsageError(f"--guide: the runs bring different samplers ({', '.join(c.__name__ for c in classes)}); "
                          "sample them in separate commands")
@@ -469,7 +507,9 @@ def sample(settings: SampleSettings | None = None, models: Models | None = None,
     models = models or Models(settings.model, settings.allow_pickle)
     denoisers = [models.run(g.adapter) if g.adapter else models.original for g in settings.guides]
     unconditional = models.run(settings.unconditional) if settings.unconditional else None
-    engine = sampler_for(models, denoisers, settings.scheduler, unconditional)
+    engine = sampler_for(models, denoisers, settings.scheduler, unconditional, settings.sampler,
+                         **({"agg_time": settings.agg_time, "lam": settings.dci_lambda,
+                             "shared_guidance": settings.shared_guidance} if settings.sampler == "dci" else {}))
     rows = settings.rows()
     out = []
     for row in tqdm(rows, desc=desc, disable=len(rows) < 2):

@@ -57,6 +57,12 @@ class TrainConfig:
     class_prompt: str = "a photo of a {cls}"
     preserve: str = ""  # output preservation: "class", "unrelated" or a prompts file; "" off
     preserve_weight: float = 1.0
+    # ICO (METHODS.md 5): per training image its own context vectors around "<v> <class>", n_ctx before and
+    # n_end after, at ctx_lr_scale x the learning rate; in checkpoints, never in the outputs
+    ico: bool = False
+    n_ctx: int = 1
+    n_end: int = 1
+    ctx_lr_scale: float = 10.0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     sample_every: int = 0
@@ -71,7 +77,7 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("out", "resume", "overwrite", "allow_pickle", "checkpoint_every", "keep_checkpoints",
                          "sample_every", "sample_prompts", "export")
     # settings added after runs were already written: what an older config.yaml without them meant
-    ADDED_LATER = {"ema_decay": 0.0}
+    ADDED_LATER = {"ema_decay": 0.0, "ico": False, "n_ctx": 1, "n_end": 1, "ctx_lr_scale": 10.0}
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
@@ -134,6 +140,15 @@ class TrainConfig:
             if fmt not in ("kohya",):
                 raise UsageError(f"{where}.export: unknown format {fmt!r}; extra formats: kohya")
         get_method(self.method).Config.from_dict(self.method_args, f"{where}.method_args")
+        if self.ico:
+            if not method.takes_image_contexts:
+                raise UsageError(f"{where}.ico: method {self.method} has no concept token to put contexts around; use "
+                                 "lora, dreambooth, custom_diffusion, purecc or textual_inversion, or drop --ico")
+            if self.n_ctx < 0 or self.n_end < 0 or self.n_ctx + self.n_end == 0:
+                raise UsageError(f"{where}.n_ctx/n_end: zero or more each and at least one context vector in all, got "
+                                 f"{self.n_ctx} and {self.n_end}; e.g. --n-ctx 1 --n-end 1")
+            if not (math.isfinite(self.ctx_lr_scale) and self.ctx_lr_scale > 0):
+                raise UsageError(f"{where}.ctx_lr_scale: must be a positive number, got {self.ctx_lr_scale}; e.g. 10")
         if self.preserve:
             self.output_preservation(f"{where}.")  # the source and the method, before any work
 
@@ -440,6 +455,12 @@ def run_training(config: TrainConfig):
     groups = method.setup()  # checks the tokens: the run folder is made only once everything is valid
     if config.preserve:  # before resuming: the base weights it keeps are the loaded ones
         method.use_preservation(config.output_preservation())
+    if config.ico:  # before resuming: checkpoints carry the contexts
+        from .ico import ImageContexts
+
+        method.use_contexts(ImageContexts(backbone, config.concepts, [len(c.paths) for c in concepts], config.n_ctx,
+                                          config.n_end))
+        groups.append({"params": method.contexts.parameters(), "lr": (config.lr or method_cls.default_lr) * config.ctx_lr_scale})
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
         AcceleratorState._reset_state()  # a second run in one process (API, demo, benchmarks) with another precision

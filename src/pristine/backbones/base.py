@@ -230,6 +230,24 @@ class Backbone(ABC):
         real noise, positions and `passes` draws of timesteps; the replaced blocks are dropped afterwards."""
         raise UsageError(f"the {self.family} family has no separate cross-attention blocks; concept_centric needs sd or sdxl")
 
+    # ---- image-specific contexts (ICO, METHODS.md 5) ----
+    # Each training image's prompt is [SOS][ctx_i] <v> <class> [end_i]: the context vectors stand where the
+    # text encoder's embedding layer has already added the position embeddings, so they are whole hidden
+    # states of their positions (the authors' form). Where they go is the family's business.
+    def _no_contexts(self):
+        raise UsageError(f"--ico: the {self.family} family has no place for image-specific contexts here; ICO needs an "
+                         "SD1.x/2.x model or pristine-mini (drop --ico)")
+
+    def context_init(self, word: str, n: int) -> torch.Tensor:
+        """(n, dim): the embedding layer's output for `word` at the first prompt position, n times: where
+        context vectors start."""
+        self._no_contexts()
+
+    def encode_with_contexts(self, prompts: list[str], prefix: torch.Tensor, suffix: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Conditioning for `[SOS] prefix[i] prompts[i] suffix[i] [EOS]`, prefix (batch, n_ctx, dim) and
+        suffix (batch, n_end, dim) in place of the embedding layer's output there, on the graph."""
+        self._no_contexts()
+
     # ---- sampling (the engine in sampling.py) ----
     # whether sampling.py's loop drives this family (flow families sample through their pipeline for now)
     GUIDED_SAMPLING: ClassVar[bool] = True

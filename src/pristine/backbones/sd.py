@@ -169,6 +169,46 @@ class StableDiffusionBackbone(Backbone):
     def text_token_states(self, cond):
         return cond["encoder_hidden_states"]
 
+    # ---- image-specific contexts (ICO): the CLIP embedding layer's output, positions already added ----
+    def _text_embeddings(self):
+        """The CLIP text model's embedding layer (token + position), whichever transformers nests it."""
+        encoder = self.text_encoder
+        return getattr(encoder, "text_model", encoder).embeddings
+
+    def context_init(self, word, n):
+        embeddings = self._text_embeddings()
+        ids = [self.tokenizer.bos_token_id, *self.tokenizer(word, add_special_tokens=False).input_ids[:1],
+               self.tokenizer.eos_token_id]
+        with torch.no_grad():
+            states = embeddings(input_ids=torch.tensor([ids], device=self.text_encoder.device))
+        return states[0, 1].detach().clone().repeat(n, 1)
+
+    def encode_with_contexts(self, prompts, prefix, suffix):
+        tok = self.tokenizer
+        n_ctx, n_end = prefix.shape[1], suffix.shape[1]
+        rows = tok(prompts, padding="max_length", max_length=tok.model_max_length - n_ctx - n_end, truncation=True).input_ids
+        ids, prefix_at, suffix_at = [], [], []
+        for row in rows:
+            k = list(row).index(tok.eos_token_id, 1) - 1  # the prompt's own tokens
+            # placeholders (the start token's id) where the contexts go; their embeddings are replaced
+            ids.append(row[:1] + [tok.bos_token_id] * n_ctx + row[1:1 + k] + [tok.bos_token_id] * n_end + row[1 + k:])
+            prefix_at.append(list(range(1, 1 + n_ctx)))
+            suffix_at.append(list(range(1 + n_ctx + k, 1 + n_ctx + k + n_end)))
+
+        def insert(module, args, output):
+            out = output.clone()
+            for i in range(len(out)):
+                out[i, prefix_at[i]] = prefix[i].to(out.dtype)
+                out[i, suffix_at[i]] = suffix[i].to(out.dtype)
+            return out
+
+        handle = self._text_embeddings().register_forward_hook(insert)
+        try:
+            states = self.text_encoder(torch.tensor(ids, device=self.text_encoder.device))[0]
+        finally:
+            handle.remove()
+        return {"encoder_hidden_states": states}
+
     # ---- outputs and inference ----
     def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
         from ..export import write_kohya

@@ -39,6 +39,12 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
             return super().unconditional(n)
         return {k: torch.zeros_like(v) for k, v in self.encode_prompts([""] * n).items()}
 
+    def context_init(self, word, n):
+        self._no_contexts()  # two text encoders: ICO's contexts are placed in SD1.x/2.x's one only
+
+    def encode_with_contexts(self, prompts, prefix, suffix):
+        self._no_contexts()
+
     def predict(self, x_t, t, cond):
         # training images are resized and center-cropped to the target size: original = target, crop (0, 0)
         h, w = (d * self.vae_scale for d in x_t.shape[-2:])

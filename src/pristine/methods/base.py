@@ -316,12 +316,15 @@ class Method:
     frozen_text: ClassVar[bool] = False
     # why output preservation cannot apply to this method; empty where it can
     preserve_refusal: ClassVar[str] = ""
+    # whether its training prompts name a concept token, so ICO's per-image contexts can go around it
+    takes_image_contexts: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, backbone, concepts: list[ConceptSpec]):
         self.config, self.backbone, self.concepts = config, backbone, concepts
         self.tokens: TokenEmbeddings | None = None
         self.preservation: OutputPreservation | None = None
         self._original_weights: dict[str, torch.Tensor] = {}
+        self.contexts = None  # ICO's per-image context vectors (ico.ImageContexts), when the run uses them
 
     def setup(self) -> list[dict]:
         """Add adapters/tokens; return optimizer parameter groups."""
@@ -389,6 +392,20 @@ class Method:
             return loss, per_sample, {}
         return loss + self.preservation.weight * preserved["loss"], per_sample, {"preserve": preserved["loss"].item()}
 
+    def use_contexts(self, contexts) -> None:
+        """ICO from here on (after setup, before resuming): instance images are encoded with their own
+        context vectors (`encode_batch`), which checkpoints carry and outputs do not."""
+        if not self.takes_image_contexts:
+            raise UsageError(f"ico: method {self.name} has no concept token to put contexts around; use lora, "
+                             "dreambooth, custom_diffusion, purecc or textual_inversion, or drop --ico")
+        self.contexts = contexts
+
+    def encode_batch(self, batch: dict) -> dict:
+        """The conditioning of a training batch: its captions, or with ICO each image's context prompt."""
+        if self.contexts is None:
+            return self.encode(batch["prompts"])
+        return self.contexts.encode(self, batch)
+
     def token_group(self, lr: float | None = None) -> dict:
         """The optimizer group of the new tokens' rows: no weight decay, so no other row ever moves."""
         group = {"params": self.tokens.make_trainable(), "weight_decay": 0.0}
@@ -400,6 +417,8 @@ class Method:
         state = {f"denoiser.{k}": p.detach().clone() for k, p in self.trainable_denoiser_params().items()}
         if self.tokens is not None:
             state.update(self.tokens.state())
+        if self.contexts is not None:
+            state.update(self.contexts.state())
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -410,6 +429,8 @@ class Method:
                     params[k[len("denoiser."):]].copy_(v)
         if self.tokens is not None:
             self.tokens.load_state(state)
+        if self.contexts is not None:
+            self.contexts.load_state(state)
 
     def encode(self, prompts: list[str]) -> dict:
         if self.tokens is not None:
@@ -440,7 +461,7 @@ class Method:
         return {k: torch.stack([cache[p][k] for p in prompts]) for k in cache[prompts[0]]}
 
     def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-        cond = self.encode(batch["prompts"])
+        cond = self.encode_batch(batch)
         weights = torch.where(batch["is_prior"], torch.tensor(prior_weight), torch.tensor(1.0))
         loss, per_sample, logs = self.denoise(batch["latents"], cond, generator, batch, weights.to(batch["latents"].device))
         if batch["is_prior"].any():

@@ -29,6 +29,7 @@ class CustomDiffusion(Method):
     name = "custom_diffusion"
     Config = CustomDiffusionConfig
     default_lr = 1e-5
+    takes_image_contexts = True
 
     def setup(self) -> list[dict]:
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)

@@ -22,6 +22,7 @@ class DreamBooth(Method):
     name = "dreambooth"
     Config = DreamBoothConfig
     default_lr = 2e-5
+    takes_image_contexts = True
     preserve_refusal = ("dreambooth fine-tunes the whole denoiser, so the original's prediction would need a second "
                         "copy of the model; use --method lora (DreamBooth with LoRA) for --preserve, or "
                         "--prior-preservation with dreambooth")

@@ -80,6 +80,7 @@ class LoRA(Method):
     name = "lora"
     Config = LoraConfig
     default_lr = 1e-4
+    takes_image_contexts = True
 
     def setup(self) -> list[dict]:
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)

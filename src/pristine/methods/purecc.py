@@ -111,6 +111,7 @@ class PureCC(Method):
     name = "purecc"
     Config = PureCCConfig
     default_lr = 1e-4
+    takes_image_contexts = True
 
     def setup(self) -> list[dict]:
         c = self.config
@@ -157,7 +158,7 @@ class PureCC(Method):
     def loss(self, batch: dict, generator: torch.Generator, prior_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
         if self.in_stage1(batch["step"]):
             self.switch.use(EXTRACTOR)
-            loss, _, logs = self.denoise(batch["latents"], self.encode(batch["prompts"]), generator, batch)
+            loss, _, logs = self.denoise(batch["latents"], self.encode_batch(batch), generator, batch)
             return loss, {"stage": 1, **logs}
         if self.tokens.trainable:  # stage 2 of a two-stage run: the token is final from here on,
             self.tokens.freeze()  # so prompts are encoded once and cached
@@ -174,6 +175,8 @@ class PureCC(Method):
         with torch.no_grad():  # text encoders and the token are frozen in stage 2
             cond = self.encode([y[0] for y in triples] + [y[1] for y in triples] + [y[2] for y in triples] + [""] * n)
         cond_c, cond_b, cond_tar, cond_null = ({k: v[i * n:(i + 1) * n] for k, v in cond.items()} for i in range(4))
+        if self.contexts is not None:  # ICO: y_complete is each image's context prompt, its contexts still learning
+            cond_c = self.contexts.encode(self, batch)
 
         def cat(*conds):
             return {k: torch.cat([d[k] for d in conds]) for k in conds[0]}

@@ -21,6 +21,7 @@ class TextualInversion(Method):
     name = "textual_inversion"
     Config = TextualInversionConfig
     default_lr = 5e-3
+    takes_image_contexts = True
     preserve_refusal = ("textual_inversion trains only the token's embedding: prompts without the token already "
                         "draw what the original model draws, so there is nothing to preserve; drop --preserve")
 
