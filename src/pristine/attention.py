@@ -8,6 +8,42 @@ from contextlib import contextmanager
 import torch
 
 
+class AttentionPass:
+    """One attention block computed as diffusers' default processor does it, split where processors
+    read or change it: `query` (before the heads split), `probs` and `value` (per head) after the
+    scores; `finish(heads)` takes the heads' outputs (batch * heads, pixels, dim) to the block's output."""
+
+    def __init__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        self.attn, self.residual = attn, hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        self.spatial_shape = tuple(hidden_states.shape) if hidden_states.ndim == 4 else None
+        if self.spatial_shape is not None:
+            b, c, h, w = self.spatial_shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        self.batch, self.pixels, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        self.cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if self.cross else hidden_states
+        if self.cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        self.query = attn.to_q(hidden_states)
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        self.value = attn.head_to_batch_dim(attn.to_v(context))
+        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], self.batch)
+        self.probs = attn.get_attention_scores(attn.head_to_batch_dim(self.query), key, mask)
+
+    def finish(self, heads: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(heads)))
+        if self.spatial_shape is not None:
+            out = out.transpose(-1, -2).reshape(self.spatial_shape)
+        if attn.residual_connection:
+            out = out + self.residual
+        return out / attn.rescale_output_factor
+
+
 class CaptureCrossAttention:
     """Runs one attention block and, for cross-attention, stores its probabilities in `store[name]`
     as (batch, heads, pixels, tokens), and with a `queries` dict its queries there as (batch, pixels,
@@ -17,37 +53,12 @@ class CaptureCrossAttention:
         self.store, self.name, self.queries = store, name, queries
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        spatial = hidden_states.ndim == 4
-        if spatial:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, pixels, _ = hidden_states.shape
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        cross = encoder_hidden_states is not None
-        context = encoder_hidden_states if cross else hidden_states
-        if cross and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        query = attn.to_q(hidden_states)
-        if cross and self.queries is not None:
-            self.queries[self.name] = query
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        probs = attn.get_attention_scores(query, key, mask)
-        if cross:
-            self.store[self.name] = probs.view(batch, attn.heads, pixels, -1)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if spatial:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        p = AttentionPass(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if p.cross:
+            if self.queries is not None:
+                self.queries[self.name] = p.query
+            self.store[self.name] = p.probs.view(p.batch, attn.heads, p.pixels, -1)
+        return p.finish(torch.bmm(p.probs, p.value))
 
 
 class CaptureJointAttention:

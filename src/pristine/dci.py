@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import AttentionPass
 from .errors import UsageError
 from .phrases import phrase_spans, remove_phrase
 from .sampling import GuidedSampler, Term
@@ -75,33 +76,10 @@ class BlendCrossAttention:
         if plan is None or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, temb=temb, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        spatial = hidden_states.ndim == 4
-        if spatial:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, pixels, _ = hidden_states.shape
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = encoder_hidden_states
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        probs = attn.get_attention_scores(query, key, mask)
-        heads = torch.bmm(probs, value)  # per head, before the output projection: where the blend happens
-        heads = plan.blend(heads.view(batch, attn.heads, pixels, -1), probs.view(batch, attn.heads, pixels, -1))
-        out = attn.batch_to_head_dim(heads.reshape(batch * attn.heads, pixels, -1))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if spatial:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        p = AttentionPass(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        heads = torch.bmm(p.probs, p.value)  # per head, before the output projection: where the blend happens
+        heads = plan.blend(heads.view(p.batch, attn.heads, p.pixels, -1), p.probs.view(p.batch, attn.heads, p.pixels, -1))
+        return p.finish(heads.reshape(p.batch * attn.heads, p.pixels, -1))
 
 
 def prompt_length(backbone, prompt: str) -> int:
