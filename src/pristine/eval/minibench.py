@@ -289,14 +289,21 @@ METRICS = [  # (name in the table, record kind, record key)
 ]
 
 
-def summarize(records: list[dict]) -> dict:
+def interval_summary(records: list[dict], metrics, group: str, qualified: bool = False) -> dict:
+    """Per metric (key, record kind or None for any, label): the mean with a 95% bootstrap interval over
+    the records that hold it, resampling whole `group`s (concepts, words, ...); keyed by the metric's
+    key, or by "kind.key" with `qualified` (when one key is read from records of two kinds)."""
     out = {}
-    for name, kind, key in METRICS:
-        rows = [r for r in records if r["kind"] == kind and key in r]
+    for key, kind, label in metrics:
+        rows = [r for r in records if (kind is None or r["kind"] == kind) and key in r]
         if rows:
-            mean, lo, hi = bootstrap([r[key] for r in rows], [r["concept"] for r in rows])
-            out[key] = {"label": name, "mean": mean, "lo": lo, "hi": hi, "n": len(rows)}
+            mean, lo, hi = bootstrap([r[key] for r in rows], [r[group] for r in rows])
+            out[f"{kind}.{key}" if qualified else key] = {"label": label, "mean": mean, "lo": lo, "hi": hi, "n": len(rows)}
     return out
+
+
+def summarize(records: list[dict]) -> dict:
+    return interval_summary(records, [(key, kind, name) for name, kind, key in METRICS], "concept")
 
 
 # ---- the run -----------------------------------------------------------------------------------

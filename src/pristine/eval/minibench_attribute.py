@@ -29,7 +29,7 @@ import numpy as np
 from ..world.captions import caption
 from ..world.concepts import ATTRIBUTE_WORDS
 from ..world.scene import Scene, WorldObject, positions_compatible
-from .minibench import UNRELATED, _load_cached, _object_summary, _save_cached, bootstrap
+from .minibench import UNRELATED, _load_cached, _object_summary, _save_cached, interval_summary
 
 # One budget per row, fixed before any benchmark was run: the same steps, rank and learning rate for
 # all; SPF's stages split them. The attribute words need no new token, so the concept task's `lora`
@@ -156,13 +156,7 @@ ATTRIBUTE_METRICS = [  # (key, record kind, label)
 
 
 def summarize_attribute(records: list[dict]) -> dict:
-    out = {}
-    for key, kind, label in ATTRIBUTE_METRICS:
-        rows = [r for r in records if r["kind"] == kind and key in r]
-        if rows:
-            mean, lo, hi = bootstrap([r[key] for r in rows], [r["word"] for r in rows])
-            out[key] = {"label": label, "mean": mean, "lo": lo, "hi": hi, "n": len(rows)}
-    return out
+    return interval_summary(records, ATTRIBUTE_METRICS, "word")
 
 
 # ---- the run -----------------------------------------------------------------------------------

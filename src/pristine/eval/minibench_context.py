@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .minibench import (TOKEN, Judges, _load_cached, _save_cached, bootstrap, budget_settings, context_right,
+from .minibench import (TOKEN, Judges, _load_cached, _save_cached, budget_settings, context_right, interval_summary,
                         prompts_for)
 
 # row: (the method's MiniBench budget, ICO in training, DCI in sampling)
@@ -96,12 +96,7 @@ def score(judges: Judges, concept, scenes, prompts: list[str], seeds: list[int],
 
 
 def summarize(records: list[dict], seconds: list[float]) -> dict:
-    out = {}
-    for label, key in METRICS:
-        rows = [r for r in records if key in r]
-        if rows:
-            mean, lo, hi = bootstrap([r[key] for r in rows], [r["concept"] for r in rows])
-            out[key] = {"label": label, "mean": mean, "lo": lo, "hi": hi, "n": len(rows)}
+    out = interval_summary(records, [(key, None, label) for label, key in METRICS], "concept")
     if seconds:
         out["seconds_per_picture"] = {"label": "time per picture (s)", "mean": float(np.mean(seconds)), "n": len(seconds)}
     return out

@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from ..world.captions import caption
 from ..world.concepts import Concept, get_concept
@@ -211,15 +210,9 @@ SUMMARY = (  # (key, record kind, label)
 
 
 def summarize(records: list[dict]) -> dict:
-    from .minibench import bootstrap
+    from .minibench import interval_summary
 
-    out = {}
-    for key, kind, label in SUMMARY:
-        rows = [r for r in records if r["kind"] == kind and key in r]
-        if rows:
-            mean, lo, hi = bootstrap([r[key] for r in rows], [r["group"] for r in rows])
-            out[f"{kind}.{key}"] = {"label": label, "mean": mean, "lo": lo, "hi": hi, "n": len(rows)}
-    return out
+    return interval_summary(records, SUMMARY, "group", qualified=True)  # "right" is read for two kinds
 
 
 # ---- the run -----------------------------------------------------------------------------------
