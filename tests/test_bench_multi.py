@@ -1,9 +1,7 @@
 """MiniBench's multi-concept task: the oracle's per-place outcomes, and a run end to end at tiny scale."""
 
 import json
-from dataclasses import replace
 
-import numpy as np
 import pytest
 
 import pristine.mini as mini

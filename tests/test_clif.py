@@ -48,21 +48,15 @@ def test_contrastive_loss_on_a_toy_batch_by_hand():
 
 
 def _concept_folder(folder: Path, name: str, token: str, masks: bool = True, n: int = 4) -> tuple[Path, list]:
-    """A concept's references with captions naming the token, and (optionally) the world's masks beside them."""
+    """A concept's references with captions naming the token, (optionally) the world's masks beside them,
+    and the true masks."""
     from pristine.world.concepts import get_concept
+    from pristine.world.export import write_concept_folder
     from pristine.world.render import render
 
     concept = get_concept(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    truth = []
-    for k, scene in enumerate(concept.references(n)):
-        image, object_masks = render(scene)
-        Image.fromarray(image).save(folder / f"{k:02d}.png")
-        (folder / f"{k:02d}.txt").write_text(concept.prompt(token, scene))
-        if masks:
-            Image.fromarray(object_masks[0].astype(np.uint8) * 255).save(folder / f"{k:02d}_mask0.png")
-        truth.append(object_masks[0])
-    return folder, truth
+    write_concept_folder(concept, token, folder, n=n, masks=masks)
+    return folder, [render(scene)[1][0] for scene in concept.references(n)]
 
 
 def _load(*specs):

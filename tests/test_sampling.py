@@ -67,7 +67,7 @@ def test_one_term_gcfg_gives_the_diffusers_pipeline_pictures(scheduler):
 
 
 def test_one_term_gcfg_with_a_lora_run_gives_the_pipeline_pictures(tiny, lora_run):
-    from pristine.sample import generate, load_pipeline
+    from pristine.sample import generate
     from pristine.sampling import Guide, sample
 
     prompt = "a photo of <v1> star"
@@ -110,7 +110,7 @@ def test_a_lora_folder_from_another_trainer_samples_like_its_pipeline(tiny, lora
 def test_one_term_gcfg_on_sdxl_gives_its_pipeline_pictures_and_flow_families_keep_the_pipeline(tmp_path, capsys):
     from tiny_families import build_tiny_flux, build_tiny_sdxl
 
-    from pristine.sample import generate, load_pipeline
+    from pristine.sample import generate
     from pristine.sampling import Guide, sample
 
     sdxl = build_tiny_sdxl(tmp_path / "sdxl")  # its ∅ is zeros (force_zeros_for_empty_prompt), not "" encoded
