@@ -188,7 +188,7 @@ def _stage_state(work: Path, stage: str) -> dict:
     return load_file(str(work / stage.replace("-", "_") / "state.safetensors"))
 
 
-@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "unet-joint", "clip-negatives"])  # oracle: below, stopped mid-run
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "unet-joint", "clip-image", "clip-negatives"])  # oracle: below, stopped mid-run
 def test_every_pretraining_stage_resumes_to_the_same_weights(tmp_path, stage):
     """Two steps, stop, one more: the same weights and optimizer moments as three straight steps
     (within the warm-up the schedule does not depend on the total)."""
@@ -216,6 +216,28 @@ def test_every_pretraining_stage_resumes_to_the_same_weights(tmp_path, stage):
     for key, value in states["straight"].items():
         if key != "rng.torch":
             assert torch.allclose(value.double(), states["resumed"][key].double(), rtol=1e-5, atol=1e-7), key
+
+
+def test_clip_negatives_starts_from_the_clip_image_tower(tmp_path):
+    """After clip-image, clip-negatives trains a CLIP whose image tower is that stage's (a new text
+    tower), not a fine-tune of the model folder's CLIP."""
+    from safetensors.torch import load_file
+
+    from pristine.cli import main
+
+    out, work = tmp_path / "model", tmp_path / "work"
+    for part in ("clip", "tokenizer"):
+        shutil.copytree(MODEL / part, out / part)
+    common = ["--corpus-size", "64", "--workdir", str(work), "--out", str(out), "--batch-size", "8"]
+    assert main(["mini", "pretrain", "--stage", "clip-image", "--steps", "2", *common]) == 0
+    assert main(["mini", "pretrain", "--stage", "clip-negatives", "--steps", "1", *common]) == 0
+    tower = load_file(str(work / "clip_image" / "tower" / "model.safetensors"))
+    init = load_file(str(work / "clip_negatives" / "init" / "model.safetensors"))
+    shipped = load_file(str(MODEL / "clip" / "model.safetensors"))
+    key = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.equal(init[key], tower[key]) and not torch.allclose(init[key].float(), shipped[key].float())
+    log = [json.loads(line) for line in (work / "clip_image" / "log.jsonl").read_text().splitlines()]
+    assert {"shape", "color", "background"} <= set(log[-1])  # per-attribute accuracies are logged
 
 
 def test_oracle_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):

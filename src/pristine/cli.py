@@ -59,7 +59,8 @@ STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped
     "oracle": (2500, 128, 2e-3),
     "unet": (3000, 128, 3e-4),
     "unet-joint": (1800, 128, 2e-4),
-    "clip-negatives": (400, 64, 2e-4),
+    "clip-image": (2500, 64, 5e-4),
+    "clip-negatives": (1000, 64, 5e-4),
 }
 
 
@@ -89,7 +90,7 @@ def cmd_mini_pretrain(args) -> None:
         return
     for part in STAGE_NEEDS.get(args.stage, ()):
         if not (out / part).exists():
-            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-negatives")
+            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-image, clip-negatives")
     if args.export_now:
         if args.stage not in ("unet", "unet-joint"):
             raise UsageError("--export-now applies to --stage unet and unet-joint (the other stages export when they finish)")
@@ -102,8 +103,12 @@ def cmd_mini_pretrain(args) -> None:
         P.pretrain_vae(workdir, out, corpus, settings, device=args.device)
     elif args.stage == "clip":
         P.pretrain_clip(workdir, out, corpus, settings, tokenizer_dir, device=args.device)
+    elif args.stage == "clip-image":
+        print(json.dumps(P.pretrain_clip_image(workdir, out, corpus, settings, device=args.device), indent=2))
     elif args.stage == "clip-negatives":
-        print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, device=args.device), indent=2))
+        fresh = (workdir / "clip_image" / "tower").exists()  # start from the clip-image tower when it was trained
+        print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, attribute_weight=1.0, fresh=fresh,
+                                                   device=args.device), indent=2))
     else:
         P.pretrain_denoiser(workdir, out, corpus, settings, args.stage.replace("-", "_"), device=args.device)
     print(f"stage {args.stage} done: {out}")
@@ -544,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     mini = sub.add_parser("mini", help="pristine-mini, the embedded model").add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
     pre = mini.add_parser("pretrain", help="pre-train one stage of pristine-mini (resumes when run again)")
     pre.add_argument("--stage", required=True, choices=tuple(STAGE_DEFAULTS),
-                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-negatives (the CLIP fine-tuned with one-word-swapped captions), oracle")
+                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), oracle")
     pre.add_argument("--device", default="cpu", help="cpu (default) or cuda: where a GPU is available, use it for the long stages")
     pre.add_argument("--export-now", action="store_true", help="write the model folder from the stage's latest checkpoint and stop")
     pre.add_argument("--workdir", default="runs/mini", help="checkpoints, logs and the rendered corpus")

@@ -110,10 +110,11 @@ def text_features(clip, input_ids: torch.Tensor) -> torch.Tensor:
     return F.normalize(_projected(clip.get_text_features(input_ids=input_ids)), dim=-1)
 
 
-def image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
+def image_features(clip, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     from ..eval.real_metrics import _projected
 
-    return F.normalize(_projected(clip.get_image_features(pixel_values=pixel_values)), dim=-1)
+    features = _projected(clip.get_image_features(pixel_values=pixel_values))
+    return F.normalize(features, dim=-1) if normalize else features
 
 
 def _one_edit(a: str, b: str) -> bool:

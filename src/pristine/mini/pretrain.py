@@ -241,8 +241,72 @@ def pretrain_clip(workdir: Path, out: Path, corpus: Path, settings: StageSetting
     shutil.copytree(tokenizer_dir, out / "clip", dirs_exist_ok=True)
 
 
+class ClipWithAttributeHeads(torch.nn.Module):
+    """The CLIP under training plus one linear read-out per attribute on its image embedding.
+
+    The heads are a training aid only (the shipped CLIP is the plain CLIPModel): they make the image
+    tower encode what the contrastive objective lets it skip, shape above all (a supervised probe of
+    the same ViT learns shape; the contrastive loss alone left it at chance).
+    """
+
+    def __init__(self, clip, width: int):
+        super().__init__()
+        from . import clip_reading as R
+
+        self.clip = clip
+        with torch.random.fork_rng():  # the same heads in every process: a resumed run must match a straight one
+            torch.manual_seed(0)
+            self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(values)) for name, (values, _) in R.ZERO_SHOT.items()})
+
+
+def pretrain_clip_image(workdir: Path, out: Path, corpus: Path, settings: StageSettings, device: str = "cpu") -> dict:
+    """Teach a fresh mini CLIP's image tower the world's attributes from their labels, before any text.
+
+    Under the contrastive loss, with or without hard negatives, the image tower never learned shape
+    (zero-shot shape stayed near chance) while a plain supervised read-out of the same ViT does learn
+    it: so the image tower first learns every attribute of single-object pictures (and the background
+    of all) through linear heads on its projected embedding; `clip-negatives --fresh` then starts
+    from this tower and a new text tower. Writes workdir/clip_image/tower (a CLIPModel folder).
+    """
+    from . import clip_reading as R
+    from ..world.scene import Scene
+
+    images, _ = load_corpus(corpus)
+    truths = [R.zero_shot_truth(Scene.from_attributes(json.loads(s))) for s in np.load(corpus)["scenes"]]
+    torch.manual_seed(settings.seed)
+    clip = arch.new_clip()
+    model = ClipWithAttributeHeads(clip, clip.config.projection_dim).to(device)
+    names = list(R.ZERO_SHOT)
+    labels = torch.tensor([[t.get(n, -100) for n in names] for t in truths])
+
+    def loss_fn(step, g):
+        idx = _batch(len(images), settings.batch_size, g)
+        raw = R.image_features(clip, images[idx].to(device), normalize=False)
+        truth = labels[idx].to(device)
+        logs, loss = {}, 0.0
+        for j, name in enumerate(names):
+            if (truth[:, j] >= 0).any():
+                logits = model.heads[name](raw)
+                loss = loss + F.cross_entropy(logits, truth[:, j], ignore_index=-100)
+                keep = truth[:, j] >= 0
+                logs[name] = round((logits[keep].argmax(1) == truth[keep, j]).float().mean().item(), 3)
+        return loss, logs
+
+    params = list(clip.vision_model.parameters()) + list(clip.visual_projection.parameters()) + list(model.heads.parameters())
+    run_stage("clip_image", workdir, model, params, settings, loss_fn)
+    tower = workdir / "clip_image" / "tower"
+    clip.cpu().save_pretrained(tower.with_name("tower.tmp"), safe_serialization=True)
+    if tower.exists():
+        import shutil
+
+        shutil.rmtree(tower)
+    tower.with_name("tower.tmp").rename(tower)
+    return {"tower": str(tower)}
+
+
 def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: StageSettings, negatives: int = 3,
-                            zero_shot_weight: float = 1.0, embedding_lr_scale: float = 1.0, device: str = "cpu") -> dict:
+                            zero_shot_weight: float = 1.0, embedding_lr_scale: float = 1.0, attribute_weight: float = 0.0,
+                            fresh: bool = False, device: str = "cpu") -> dict:
     """Fine-tune the mini CLIP (out/clip) until it reads every attribute a caption states.
 
     Contrastive learning over a batch never needed shape: color, background and place already tell
@@ -263,13 +327,22 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     if not init.exists():
         import shutil
 
-        shutil.copytree(out / "clip", init)
+        if fresh:  # new weights (fine-tuning never brought shape back), from the clip-image tower if trained
+            tower = workdir / "clip_image" / "tower"
+            if tower.exists():
+                shutil.copytree(tower, init)
+            else:
+                torch.manual_seed(settings.seed)
+                arch.new_clip().save_pretrained(init, safe_serialization=True)
+        else:
+            shutil.copytree(out / "clip", init)
     tokenizer = load_tokenizer(out / "tokenizer")
     ids = R.TextEncoderCache(tokenizer)
     prompts = R.zero_shot_prompts()
     prompt_ids = ids(prompts).to(device)
     truths = [R.zero_shot_truth(s) for s in scenes]
     clip = CLIPModel.from_pretrained(init, torch_dtype=torch.float32, use_safetensors=True).to(device)
+    model = ClipWithAttributeHeads(clip, clip.config.projection_dim).to(device)
 
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g).tolist()
@@ -280,7 +353,8 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
             texts.append(positive)
             negs.extend(wrong)
         b = len(idx)
-        img = R.image_features(clip, images[idx].to(device))
+        raw = R.image_features(clip, images[idx].to(device), normalize=False)
+        img = F.normalize(raw, dim=-1)
         txt = R.text_features(clip, ids(texts + negs).to(device))
         scale = clip.logit_scale.exp()
         pos, neg = txt[:b], txt[b:].view(b, negatives, -1)
@@ -290,23 +364,25 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
         contrastive = (F.cross_entropy(torch.cat([batch_logits, hard_logits], 1), target)
                        + F.cross_entropy(batch_logits.T, target)) / 2
         zs_logits = scale * img @ R.text_features(clip, prompt_ids).T
-        zero_shot, start = 0.0, 0
+        zero_shot, attributes, start = 0.0, 0.0, 0
         for name, (values, _) in R.ZERO_SHOT.items():
             truth = torch.tensor([truths[i].get(name, -100) for i in idx], device=device)
             if (truth >= 0).any():
                 zero_shot = zero_shot + F.cross_entropy(zs_logits[:, start : start + len(values)], truth, ignore_index=-100)
+                if attribute_weight:
+                    attributes = attributes + F.cross_entropy(model.heads[name](raw), truth, ignore_index=-100)
             start += len(values)
         hard_acc = (hard_logits.max(1).values < batch_logits.diagonal()).float().mean()
-        loss = contrastive + zero_shot_weight * zero_shot
+        loss = contrastive + zero_shot_weight * zero_shot + attribute_weight * attributes
         return loss, {"contrastive": round(contrastive.item(), 4), "zero_shot": round(float(zero_shot), 4),
-                      "hard_acc": round(hard_acc.item(), 3)}
+                      "attributes": round(float(attributes), 4), "hard_acc": round(hard_acc.item(), 3)}
 
     # the first CLIP stage never trained the words it did not need (shape words kept their initial
     # norm, like unused words): their rows may take a larger step than the rest of the model
     embedding = clip.text_model.embeddings.token_embedding.weight
-    groups = [{"params": [p for p in clip.parameters() if p is not embedding]},
+    groups = [{"params": [p for p in model.parameters() if p is not embedding]},
               {"params": [embedding], "lr": settings.lr * embedding_lr_scale}]
-    run_stage("clip_negatives", workdir, clip, groups, settings, loss_fn)
+    run_stage("clip_negatives", workdir, model, groups, settings, loss_fn)
     clip = clip.cpu().eval()
     result = R.check(clip, tokenizer, n=min(500, len(images)), seed=settings.seed + 1)  # a tiny corpus is a smoke run
     clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
