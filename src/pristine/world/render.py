@@ -184,7 +184,10 @@ def _draw_object(img: np.ndarray, obj: WorldObject, style: str) -> np.ndarray:
         fill = fill * t + (1 - t) * np.array([0.97, 0.97, 0.97], np.float32)
     if obj.marking != "none":
         accent = _color(obj.accent or obj.color, obj.brightness)
-        marked = _border(mask, max(1, n // 16)) if obj.marking == "rim" else _marking_mask(obj.marking, lx, ly)
+        if obj.marking == "rim":  # 0.3 of the radius: rims of half the radius made small rims read as small dots
+            marked = _border(mask, max(SUPERSAMPLE, round(0.3 * radius * n)))
+        else:
+            marked = _marking_mask(obj.marking, lx, ly)
         fill[marked] = accent
 
     outline_width = max(1, n // 40) if style == "cartoon" else max(1, n // 128)
