@@ -713,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ema-decay", type=float, help="EMA of the trained weights, e.g. 0.999; 0: off (default: the "
                                                     "method's: off, concept_centric 0.999)")
     tr.add_argument("--validation-prompt", "--sample-prompt", dest="sample_prompt", action="append", metavar="TEXT",
-                    help="a prompt whose grid (4 images, 50 DDIM steps, seeds from --seed) is drawn into OUT/samples/ "
+                    help="a prompt whose grid (4 images, 25 DDIM steps, seeds from --seed) is drawn into OUT/samples/ "
                          "during and after training; repeatable (default: none)")
     tr.add_argument("--validation-every", "--sample-every", dest="sample_every", metavar="N",
                     type=_at_least_zero("--validation-every"),

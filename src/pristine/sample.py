@@ -46,6 +46,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 50, guidan
     images = []
     for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=len(prompts) <= batch):
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+        if isinstance(call.get("negative_prompt"), str):  # the pipelines want one per prompt of the list
+            call = {**call, "negative_prompt": [call["negative_prompt"]] * len(generators)}
         with torch.no_grad():
             out = pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
                        generator=generators, output_type="np", **call)

@@ -262,6 +262,7 @@ class TrainConfig:
 
 
 DEFAULT_SAMPLE_EVERY = 100  # validation grids when prompts are given without an interval
+VALIDATION_STEPS = 25  # DDIM steps of a validation grid
 
 
 def _concept(value, where: str) -> ConceptSpec:
@@ -680,5 +681,6 @@ def _sample_during_training(method, config: TrainConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     pipe.set_progress_bar_config(disable=True)
-    grid_for_prompts(pipe, prompts, n=4, seed=config.seed, labels=config.sample_prompts).save(tmp)
+    # 25 steps, as diffusers' DreamBooth scripts draw their validation images
+    grid_for_prompts(pipe, prompts, n=4, seed=config.seed, steps=VALIDATION_STEPS, labels=config.sample_prompts).save(tmp)
     os.replace(tmp, path)

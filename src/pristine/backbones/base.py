@@ -248,12 +248,15 @@ class Backbone(ABC):
         return final
 
     EXPORTS: ClassVar[tuple[str, ...]] = ()  # extra LoRA formats the family writes (--export)
+    EXPORT_NOTE: ClassVar[str] = ""  # why a format is missing, said with the refusal
 
     def check_export(self, formats: list[str]) -> None:
         """Before training: a format this family cannot write is a one-line error, not a late failure."""
         for fmt in formats:
             if fmt not in self.EXPORTS:
-                raise UsageError(f"--export {fmt}: the {self.family} family has no {fmt} layout here; drop --export {fmt}")
+                note = f" ({self.EXPORT_NOTE})" if self.EXPORT_NOTE else ""
+                raise UsageError(f"--export {fmt}: the {self.family} family has no {fmt} layout here{note}; "
+                                 f"drop --export {fmt}")
 
     def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
         """The kohya / ComfyUI layout of a saved LoRA (families listing "kohya" in EXPORTS)."""
