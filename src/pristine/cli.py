@@ -901,7 +901,7 @@ def _quiet_library_loading() -> None:
     """No weight-by-weight loading bars from transformers / diffusers: stderr holds pristine's own
     progress, and a bad input's one line is not buried under them."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when those libraries are imported
-    for name in ("transformers", "diffusers scripts'"):  # already imported (the API, tests): switch them off now
+    for name in ("transformers", "diffusers"):  # already imported (the API, tests): switch them off now
         if name in sys.modules:
             __import__(f"{name}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
 
