@@ -74,10 +74,10 @@ def test_kohya_file_loads_in_plain_diffusers_and_draws_what_the_diffusers_file_d
     assert np.allclose(pictures[0], pictures[1], atol=2e-3)  # the kohya file is stored in float16
     assert not np.allclose(pictures[0], pictures[2], atol=1e-3)  # and the LoRA changes the picture
     if family == "sd1":
-        _engine_draws_what_the_pipeline_draws_with_a_text_encoder_lora(model, run)
+        _engine_draws_what_the_pipeline_draws_with_a_text_encoder_lora(model, run, tmp_path)
 
 
-def _engine_draws_what_the_pipeline_draws_with_a_text_encoder_lora(model, run):
+def _engine_draws_what_the_pipeline_draws_with_a_text_encoder_lora(model, run, tmp_path):
     """`pristine sample`'s engine switches a run's text-encoder LoRA on for that run's prompts (and its ∅)
     only: with --adapter it draws what the pipeline draws, and the original's terms are untouched."""
     from pristine.sample import generate
@@ -97,6 +97,19 @@ def _engine_draws_what_the_pipeline_draws_with_a_text_encoder_lora(model, run):
     plain = sample(model=str(model), guides=[Guide(prompt="a photo of star", weight=4.0)], n=2, steps=4)
     assert not np.array_equal(np.stack(both[0]), np.stack(plain[0]))  # the run's term did its work
     assert np.array_equal(original, np.stack(plain[0]))
+    # as diffusers' DreamBooth LoRA script writes it with --train_text_encoder: the same layers, no
+    # settings in the file (rank and alpha inferred), no token, no config.yaml
+    from safetensors.torch import load_file, save_file
+
+    script = tmp_path / "from_script"
+    script.mkdir()
+    save_file(load_file(str(run / "pytorch_lora_weights.safetensors")), str(script / "pytorch_lora_weights.safetensors"),
+              metadata={"format": "pt"})
+    pipe.load_lora_weights(str(script))
+    reference = np.stack(generate(pipe, ["a photo of star"] * 2, [0, 1], steps=4, guidance=4.0))
+    ours = sample(model=str(model), guides=[Guide(adapter=str(script), prompt="a photo of star", weight=4.0)],
+                  unconditional=str(script), n=2, steps=4)[0]
+    assert np.array_equal(reference, np.stack(ours)) and not np.array_equal(reference, original)
 
 
 def test_custom_diffusion_run_loads_through_diffusers_attention_processors(tiny, star_images, tmp_path, capsys):

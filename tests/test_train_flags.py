@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from pristine.cli import build_parser, main, train_config_from_args
+from pristine.errors import UsageError
 
 
 def _command(name: str) -> argparse.ArgumentParser:
@@ -105,12 +106,20 @@ def test_yaml_takes_the_new_keys_and_flags_override_them(tmp_path, star_images):
     c = train_config_from_args(build_parser().parse_args(["train", "--config", str(config), "--steps", "7",
                                                           "--validation-prompt", "b <v1>", "--validation-every", "0"]))
     assert (c.steps, c.epochs, c.sample_prompts, c.sample_every) == (7, 0, ["b <v1>"], 0)
+    # a run's config.yaml holds both epochs and the steps they made: read back, they must agree
+    both = yaml.safe_load(config.read_text()) | {"steps": 6}
+    config.write_text(yaml.safe_dump(both))
+    c = train_config_from_args(build_parser().parse_args(["train", "--config", str(config)]))
+    c.resolve_steps(n_images=5)  # 3 epochs of 5 images at 4 per step: 6 steps
+    assert c.steps == 6
+    c.epochs = 2
+    with pytest.raises(UsageError, match="disagree"):
+        c.resolve_steps(n_images=5)
 
 
 def test_report_to_tensorboard_needs_tensorboard(monkeypatch, star_images, tmp_path):
     import importlib.util
 
-    from pristine.errors import UsageError
     from pristine.train import TrainConfig
 
     values = {"out": str(tmp_path / "r"), "concepts": [{"images": str(star_images), "token": "<v1>", "class_word": "star"}]}

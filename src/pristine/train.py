@@ -93,8 +93,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
         known = {f.name: f for f in fields(cls)}
-        if values.get("steps") is not None and values.get("epochs"):
-            raise UsageError(f"{where}: steps and epochs both given; give one (epochs sets the steps)")
         out = {}
         for key, value in values.items():
             if key in cls.KEY_ALIASES:
@@ -113,6 +111,8 @@ class TrainConfig:
                 default = getattr(cls, key, None)
                 out[key] = _coerce(value, known[key].type, default, f"{where}.{key}")
         config = cls(**out)
+        if config.epochs and "steps" in values:  # a run's own config.yaml has both: they must agree
+            config._steps_given = (config.steps, where)
         config.validate(where)
         return config
 
@@ -220,7 +220,12 @@ class TrainConfig:
         batch_size x gradient_accumulation x processes of them (a last partial batch counts as a step)."""
         if self.epochs:
             per_step = self.batch_size * self.gradient_accumulation * processes
-            self.steps = self.epochs * math.ceil(n_images / per_step)
+            steps = self.epochs * math.ceil(n_images / per_step)
+            given, where = getattr(self, "_steps_given", (steps, ""))
+            if given != steps:
+                raise UsageError(f"{where}: steps {given} and epochs {self.epochs} disagree ({self.epochs} passes over "
+                                 f"{n_images} images at {per_step} per step are {steps} steps); give one of them")
+            self.steps = steps
 
     def output_preservation(self, prefix: str = "config."):
         """The run's output preservation (None when off), its source read and checked; errors name
