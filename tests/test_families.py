@@ -175,20 +175,26 @@ def test_sdxl_kohya_layout_round_trips_through_diffusers_conversion(models, star
     folder, run = models("sdxl"), tmp_path / "run"
     code, err = train_cli(capsys, "--model", str(folder), "--images", str(star_images), "--token", "<v1>",
                           "--class-word", "star", "--steps", "3", "--lr", "1e-2", "--method-arg", "train_token=false",
-                          "--export", "kohya", "--out", str(run))
+                          "--train-text-encoder", "--export", "kohya", "--out", str(run))
     assert code == 0, err
     kohya = load_file(str(run / "lora_kohya.safetensors"))
-    assert kohya and all(k.startswith("lora_unet_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
-    _kohya_draws_what_the_diffusers_file_draws(folder, run)
+    assert kohya and any(k.endswith(".alpha") for k in kohya)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}  # kohya's SDXL prefixes, text encoders too
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in kohya  # SGM block names
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in kohya
+    _kohya_draws_what_the_diffusers_file_draws(folder, run, text_encoders=("text_encoder", "text_encoder_2"))
 
 
-def _kohya_draws_what_the_diffusers_file_draws(folder, run):
-    """Plain load_lora_weights of the kohya file (diffusers converts it) against the diffusers file."""
+def _kohya_draws_what_the_diffusers_file_draws(folder, run, text_encoders=()):
+    """Plain load_lora_weights(file) of the kohya file (diffusers converts it) against the diffusers file;
+    `text_encoders`: those that must have got their LoRA layers from either file."""
     pictures = []
     for weights in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", None):
         pipe = family_pipeline(folder)
         if weights:
-            pipe.load_lora_weights(str(run), weight_name=weights)
+            pipe.load_lora_weights(str(run / weights))
+            for name in text_encoders:
+                assert any("lora_A" in n for n, _ in getattr(pipe, name).named_parameters()), (weights, name)
         pictures.append(image(pipe))
     assert np.allclose(pictures[0], pictures[1], atol=2e-3)  # the kohya file is stored in fp16
     assert not np.allclose(pictures[0], pictures[2], atol=1e-4)
@@ -223,12 +229,13 @@ def test_flux_kohya_layout_round_trips_through_diffusers_conversion(models, star
     code, err = train_cli(capsys, "--model", str(folder), "--images", str(star_images), "--token", "<v1>",
                           "--class-word", "star", "--steps", "3", "--lr", "1e-2", "--method-arg", "train_token=false",
                           "--method-arg", f"targets={targets}", "--method-arg", "alpha=2", "--resolution", "16",
-                          "--export", "kohya", "--out", str(run))
+                          "--train-text-encoder", "--export", "kohya", "--out", str(run))
     assert code == 0, err
     kohya = load_file(str(run / "lora_kohya.safetensors"))
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
     assert "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight" in kohya
-    _kohya_draws_what_the_diffusers_file_draws(folder, run)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_v_proj.lora_down.weight" in kohya  # CLIP's; T5 has none
+    _kohya_draws_what_the_diffusers_file_draws(folder, run, text_encoders=("text_encoder",))
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -107,7 +107,31 @@ def test_a_lora_folder_from_another_trainer_samples_like_its_pipeline(tiny, lora
     assert not np.array_equal(reference[0], plain[0])  # and the LoRA changes the picture
 
 
+def test_sample_flags_draw_what_the_pipeline_draws_with_the_same_arguments(tiny, lora_run, tmp_path, capsys):
+    """--negative-prompt, --lora-scale, --height/--width mean what the diffusers pipeline's negative_prompt,
+    cross_attention_kwargs scale, height and width mean; each picture is also a PNG of its own."""
+    from PIL import Image
+
+    from pristine.sample import generate
+
+    prompt, negative = "a photo of <v1> star", "a blue heart"
+    code, err = _cli(capsys, "sample", "--model", str(tiny), "--adapter", str(lora_run), "--prompt", prompt, "--n", "2",
+                     "--steps", "4", "--guidance", "4", "--negative-prompt", negative, "--lora-scale", "0.5",
+                     "--height", "24", "--width", "16", "--seed", "3", "--out", str(tmp_path / "grid.png"))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid-00-seed3.png", "grid-00-seed4.png", "grid.png"]
+    ours = np.stack([np.asarray(Image.open(tmp_path / f"grid-00-seed{s}.png")) for s in (3, 4)])
+    assert ours.shape == (2, 24, 16, 3)
+    pipe = _diffusers(tiny, lora_run)
+    reference = np.stack(generate(pipe, [prompt] * 2, [3, 4], steps=4, guidance=4.0, negative_prompt=negative,
+                                  height=24, width=16, cross_attention_kwargs={"scale": 0.5}))
+    assert np.array_equal(reference, ours)
+    plain = np.stack(generate(pipe, [prompt] * 2, [3, 4], steps=4, guidance=4.0, height=24, width=16))
+    assert not np.array_equal(plain, ours)  # the negative prompt and the scale did change the pictures
+
+
 def test_one_term_gcfg_on_sdxl_gives_its_pipeline_pictures_and_flow_families_keep_the_pipeline(tmp_path, capsys):
+    from PIL import Image
     from tiny_families import build_tiny_flux, build_tiny_sdxl
 
     from pristine.sample import generate
@@ -119,7 +143,12 @@ def test_one_term_gcfg_on_sdxl_gives_its_pipeline_pictures_and_flow_families_kee
                                                      n=2, steps=3)[0]))
     flux = build_tiny_flux(tmp_path / "flux")
     out = tmp_path / "f.png"
-    assert _cli(capsys, "sample", "--model", str(flux), "--prompt", "a star", "--n", "1", "--steps", "2", "--out", str(out))[0] == 0
+    assert _cli(capsys, "sample", "--model", str(flux), "--prompt", "a star", "--n", "1", "--steps", "2", "--out", str(out),
+                "--height", "32", "--width", "16")[0] == 0
+    assert Image.open(tmp_path / "f-00-seed0.png").size == (16, 32)  # the pipeline's own path takes the flags too
+    code, err = _cli(capsys, "sample", "--model", str(flux), "--prompt", "a star", "--negative-prompt", "blue",
+                     "--out", str(tmp_path / "n.png"))
+    assert code == 2 and "--negative-prompt" in err and "flux" in err  # FLUX.1 has no negative branch to give it
     code, err = _cli(capsys, "sample", "--model", str(flux), "--guide", "prompt=a star,w=2", "--out", str(tmp_path / "g.png"))
     assert code == 2 and "--guide" in err
 

@@ -20,6 +20,64 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
+# what users of diffusers' training scripts and of kohya sd-scripts type, and pristine's flag for it;
+# any other underscore spelling of a flag is recognized by the underscore -> dash rule
+FOREIGN_FLAGS = {
+    "diffusers scripts'": {
+        "--learning_rate": "--lr", "--max_train_steps": "--steps", "--num_train_epochs": "--epochs",
+        "--instance_data_dir": "--images", "--output_dir": "--out", "--train_batch_size": "--batch-size",
+        "--pretrained_model_name_or_path": "--model", "--gradient_accumulation_steps": "--gradient-accumulation",
+        "--lr_warmup_steps": "--warmup-steps", "--checkpointing_steps": "--checkpoint-every",
+        "--checkpoints_total_limit": "--keep-checkpoints", "--validation_epochs": "--validation-every",
+        "--validation_steps": "--validation-every", "--with_prior_preservation": "--prior-preservation",
+        "--prior_loss_weight": "--prior-weight", "--adam_weight_decay": "--weight-decay",
+        "--resume_from_checkpoint": "--resume", "--num_inference_steps": "--steps", "--guidance_scale": "--guidance",
+        "--num_images_per_prompt": "--n",
+    },
+    "kohya sd-scripts'": {
+        "--train_data_dir": "--images", "--network_dim": "--rank", "--network_alpha": "--alpha",
+        "--max_train_epochs": "--epochs", "--save_every_n_steps": "--checkpoint-every", "--unet_lr": "--lr",
+        "--log_with": "--report-to",
+    },
+}
+
+
+def unknown_argument_message(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """One line for arguments a command does not take: the flag the user meant where it can be told
+    (another tool's spelling, underscores for dashes, a near miss), and where the flags are listed."""
+    import difflib
+
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    first = extra[0]
+    more = sum(1 for e in extra[1:] if e.startswith("-"))
+    tail = f" (and {more} more unknown)" if more else ""
+    if not first.startswith("-"):
+        return f"{parser.prog}: unexpected argument {first!r}{tail}; see `{parser.prog} --help`"
+    flag = first.split("=", 1)[0]
+    hint = ""
+    tool, target = next(((tool, table[flag]) for tool, table in FOREIGN_FLAGS.items() if flag in table), (None, None))
+    if target in options:
+        hint = f", the {tool} spelling: use {target}"
+    elif flag.replace("_", "-") in options:
+        hint = f": use {flag.replace('_', '-')} (flags take dashes, not underscores)"
+    else:
+        close = difflib.get_close_matches(flag.replace("_", "-"), options, n=1, cutoff=0.6)
+        if close:
+            hint = f": did you mean {close[0]}"
+    return f"{parser.prog}: unknown flag {flag}{hint}{tail}; every flag is in `{parser.prog} --help`"
+
+
+def _mark_leaves(parser: argparse.ArgumentParser) -> None:
+    """Each command's parser records itself in the namespace it fills: an unknown flag is then explained
+    against that command's own flags."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.set_defaults(_command_parser=parser)
+    for action in subs:
+        for child in action.choices.values():
+            _mark_leaves(child)
+
+
 def _positive(name):
     def parse(text):
         try:
@@ -28,6 +86,19 @@ def _positive(name):
             raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{name} must be positive, got {value}")
+        return value
+
+    return parse
+
+
+def _at_least_zero(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}")
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be zero or more, got {value}")
         return value
 
     return parse
@@ -177,10 +248,11 @@ def cmd_mini_card(args) -> None:
 # ---- pristine train / sample --------------------------------------------------------------------
 
 # flag -> config key, for the flags that map one to one
-TRAIN_FLAGS = ("model", "method", "out", "steps", "batch_size", "gradient_accumulation", "lr", "lr_scheduler",
-               "warmup_steps", "seed", "mixed_precision", "resolution", "crop", "prior_weight", "num_class_images",
-               "class_prompt", "preserve", "preserve_weight", "checkpoint_every", "sample_every", "resume", "ema_decay",
-               "n_ctx", "n_end", "ctx_lr_scale")
+TRAIN_FLAGS = ("model", "method", "out", "instance_prompt", "steps", "epochs", "batch_size", "gradient_accumulation",
+               "lr", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm", "seed", "mixed_precision",
+               "resolution", "crop", "prior_weight", "num_class_images", "class_prompt", "preserve", "preserve_weight",
+               "checkpoint_every", "keep_checkpoints", "sample_every", "report_to", "resume", "ema_decay", "n_ctx",
+               "n_end", "ctx_lr_scale")
 METHOD_FLAGS = ("rank", "alpha", "vectors", "stage", "stage1_run", "init_run", "clip", "previous_run")
 
 
@@ -189,6 +261,10 @@ def train_config_from_args(args):
 
     values = load_config_file(args.config) if args.config else {}
     where = args.config or "flags"
+    if args.steps is not None and args.epochs is not None:
+        raise UsageError("--steps and --epochs both given; give one (--epochs sets the steps from the image count)")
+    if args.steps is not None or args.epochs is not None:  # the flag's way of counting replaces the file's
+        values.pop("epochs" if args.steps is not None else "steps", None)
     for key in TRAIN_FLAGS:
         value = getattr(args, key)
         if value is not None:
@@ -199,6 +275,8 @@ def train_config_from_args(args):
     if args.no_flip:
         values["flip"] = False
     if args.sample_prompt:
+        values.pop("validation_prompt", None)
+        values.pop("validation_prompts", None)
         values["sample_prompts"] = args.sample_prompt
     if args.export:
         values["export"] = args.export
@@ -206,6 +284,8 @@ def train_config_from_args(args):
     for key in METHOD_FLAGS:
         if getattr(args, key) is not None:
             method_args[key] = getattr(args, key)
+    if args.train_text_encoder:
+        method_args["train_text_encoder"] = True
     for item in args.method_arg or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -252,7 +332,8 @@ def sample_settings_from_args(args):
 
     values = load_config_file(args.config) if args.config else {}
     where = args.config or "flags"
-    for key in ("model", "n", "seed", "steps", "scheduler", "sampler", "agg_time", "dci_lambda"):
+    for key in ("model", "n", "seed", "steps", "scheduler", "sampler", "agg_time", "dci_lambda", "negative_prompt",
+                "lora_scale", "height", "width"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.dci_own_guidance:
@@ -281,32 +362,10 @@ def _family(model: str):
     return backbone_class(resolve_model(model))
 
 
-def _sample_with_pipeline(args, settings, out: Path) -> None:
-    from .sample import grid_for_prompts, load_pipeline
-
-    one_term = len(settings.guides) == 1 and settings.unconditional == settings.guides[0].adapter
-    if not one_term or not settings.prompts:
-        raise UsageError(f"the {_family(settings.model).family} family samples with ordinary CFG only for now: give "
-                         "--prompt (and --adapter, --guidance), not --guide or --unconditional")
-    g = settings.guides[0]
-    pipe = load_pipeline(settings.model, g.adapter or None, allow_pickle=settings.allow_pickle)
-    grid = grid_for_prompts(pipe, settings.prompts, n=settings.n, seed=settings.seed, steps=settings.steps,
-                            guidance=g.weight, scheduler=settings.scheduler)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    try:
-        grid.save(tmp, format="PNG")
-        from .files import durable_replace
-
-        durable_replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"grid written to {out}")
-
-
 def cmd_sample(args) -> None:
     from .files import check_writable_folder
     from .sample import run_tokens
-    from .sampling import Models, sample, write_grid
+    from .sampling import Models, sample, write_grid, write_images
 
     # every argument is checked before the model loads and anything is generated
     out = Path(args.out)
@@ -324,13 +383,16 @@ def cmd_sample(args) -> None:
                 raise UsageError(f"prompt {prompt!r} does not name the run's token ({', '.join(tokens)}); "
                                  "add it, or pass --no-token-ok to sample without it")
     if not _family(settings.model).GUIDED_SAMPLING:  # SD3 / FLUX: ordinary CFG through their own pipeline
-        _sample_with_pipeline(args, settings, out)
-        return
-    rows = sample(settings, Models(settings.model, settings.allow_pickle))
-    labels = settings.rows() if any("{prompt}" in g.prompt for g in settings.guides) else \
-        [" + ".join(f"{g.weight:g} x {Path(g.adapter).name or 'original'}: {g.prompt!r}" for g in settings.guides)]
+        from .sample import pipeline_rows
+
+        rows, labels = pipeline_rows(settings), settings.prompts
+    else:
+        rows = sample(settings, Models(settings.model, settings.allow_pickle, settings.lora_scale))
+        labels = settings.rows() if any("{prompt}" in g.prompt for g in settings.guides) else \
+            [" + ".join(f"{g.weight:g} x {Path(g.adapter).name or 'original'}: {g.prompt!r}" for g in settings.guides)]
     write_grid(rows, labels, out)
-    print(f"grid written to {out}")
+    images = write_images(rows, out, settings.seed)
+    print(f"grid written to {out}, and each picture beside it ({images[0].name}, ...)")
 
 
 def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
@@ -580,61 +642,118 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--model", default=None)
     card.set_defaults(func=cmd_mini_card)
 
-    tr = sub.add_parser("train", help="teach a model a concept: LoRA, DreamBooth, Textual Inversion, Custom Diffusion")
-    tr.add_argument("--config", help="a YAML file of settings; flags override it")
-    tr.add_argument("--model", help="'mini' (default) or a local diffusers model folder")
-    tr.add_argument("--images", help="folder of the concept's images")
-    tr.add_argument("--token", help="the new token that names the concept, e.g. <v1>")
-    tr.add_argument("--class-word", help="the concept's class, e.g. star")
-    tr.add_argument("--method", help="lora (default), dreambooth, textual_inversion, custom_diffusion, purecc, spf, clif, "
-                                     "concept_centric (an uncaptioned --images folder alone)")
-    tr.add_argument("--out", help="the run folder")
-    tr.add_argument("--steps", type=_positive("--steps"))
-    tr.add_argument("--batch-size", type=_positive("--batch-size"))
-    tr.add_argument("--gradient-accumulation", type=_positive("--gradient-accumulation"))
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--lr-scheduler")
-    tr.add_argument("--warmup-steps", type=int)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--mixed-precision", help="no, fp16 or bf16")
-    tr.add_argument("--resolution", type=_positive("--resolution"))
-    tr.add_argument("--crop", help="center or random")
-    tr.add_argument("--no-flip", action="store_true")
-    tr.add_argument("--prior-preservation", action="store_true")
-    tr.add_argument("--prior-weight", type=float)
-    tr.add_argument("--num-class-images", type=_positive("--num-class-images"))
-    tr.add_argument("--class-prompt")
+    tr = sub.add_parser("train", help="teach a model a concept: LoRA, DreamBooth, Textual Inversion, Custom Diffusion",
+                        description="Teach a model a concept. Every flag has a key of the same name in snake_case "
+                                    "for --config YAML (method settings under method_args).")
+    tr.add_argument("--config", help="a YAML file of settings (keys as the flags, in snake_case: batch_size: 4); "
+                                     "flags given as well override it (default: none)")
+    tr.add_argument("--model", help="'mini' (the embedded pristine-mini) or a local diffusers model folder of SD1.x/2.x, "
+                                    "SDXL, SD3/3.5 or FLUX.1 (default: mini)")
+    tr.add_argument("--images", help="folder of the concept's images; each image's caption is NAME.txt beside it or its "
+                                     "line in metadata.jsonl, else --instance-prompt, else templates such as "
+                                     "'a photo of <v1> star' (default: none; required unless --config lists concepts)")
+    tr.add_argument("--token", help="the new token that names the concept, e.g. <v1>; not a word the tokenizer knows "
+                                    "(default: none; required with --images)")
+    tr.add_argument("--class-word", help="the concept's class, e.g. star: the token's embedding starts from it "
+                                         "(default: none; required with --images)")
+    tr.add_argument("--instance-prompt", help="one prompt for every image without a caption of its own, as the "
+                                              "diffusers scripts' --instance_prompt, e.g. 'a photo of <v1> star' "
+                                              "({token} and {cls} are filled in) (default: the templates)")
+    tr.add_argument("--method", help="lora, dreambooth, textual_inversion, custom_diffusion, purecc, spf, clif, "
+                                     "concept_centric (an uncaptioned --images folder alone) (default: lora)")
+    tr.add_argument("--out", help="the run folder; new or empty, or add --resume latest or --overwrite "
+                                  "(default: none; required)")
+    tr.add_argument("--steps", type=_positive("--steps"), help="optimizer steps (default: 400; or give --epochs)")
+    tr.add_argument("--epochs", type=_positive("--epochs"),
+                    help="passes over the instance images instead of --steps: steps = epochs x ceil(images / "
+                         "(batch size x gradient accumulation x processes)) (default: off, --steps counts)")
+    tr.add_argument("--batch-size", type=_positive("--batch-size"), help="images per step and process (default: 4)")
+    tr.add_argument("--gradient-accumulation", type=_positive("--gradient-accumulation"),
+                    help="batches summed into one optimizer step (default: 1)")
+    tr.add_argument("--lr", type=float, help="learning rate of the method's weights (default: the method's: lora, "
+                    "purecc, spf, clif 1e-4; dreambooth 2e-5; textual_inversion 5e-3; custom_diffusion, "
+                    "concept_centric 1e-5). lora and dreambooth also train the new token's embedding at 5e-3, "
+                    "custom_diffusion at 1e-3 (--method-arg token_lr=..., or train_token=false)")
+    tr.add_argument("--lr-scheduler", help="constant, constant_with_warmup, linear or cosine (default: constant)")
+    tr.add_argument("--warmup-steps", type=int, help="linear warm-up steps of the schedulers that have one (default: 0)")
+    tr.add_argument("--weight-decay", type=float, help="AdamW weight decay of the trained weights; never applied to "
+                                                       "the new tokens' rows (default: 0.01)")
+    tr.add_argument("--max-grad-norm", type=float, help="clip the gradient's norm to this before each optimizer step; "
+                                                        "0: no clipping (default: 1.0)")
+    tr.add_argument("--seed", type=int, help="seed of the batches, noise and timesteps (default: 0)")
+    tr.add_argument("--mixed-precision", help="no, fp16 or bf16 (default: no)")
+    tr.add_argument("--resolution", type=_positive("--resolution"),
+                    help="training image side in pixels: each image's short side is resized to it, then a square is "
+                         "cut (--crop) (default: the model's native size: 32 for mini, 512 for SD1.5, 1024 for SDXL)")
+    tr.add_argument("--crop", help="center or random: where the square is cut; center encodes every image once "
+                                   "(default: center)")
+    tr.add_argument("--no-flip", action="store_true", help="no random horizontal mirroring (default: off, images are "
+                                                            "mirrored at random)")
+    tr.add_argument("--prior-preservation", action="store_true",
+                    help="DreamBooth's prior preservation: --num-class-images pictures of --class-prompt drawn by the "
+                         "original model (cached in OUT/../.class_images) are trained on beside the concept "
+                         "(default: off)")
+    tr.add_argument("--prior-weight", type=float, help="weight of the prior-preservation loss (default: 1.0)")
+    tr.add_argument("--num-class-images", type=_positive("--num-class-images"),
+                    help="prior-preservation pictures per concept (default: 100)")
+    tr.add_argument("--class-prompt", help="their prompt, {cls} the class word (default: 'a photo of a {cls}')")
     tr.add_argument("--preserve", help="output preservation (lora, custom_diffusion, purecc): class (the caption with the "
-                    "class word for the token), unrelated (fixed world prompts) or a file of prompts, one per line")
-    tr.add_argument("--preserve-weight", type=float, help="weight of the output-preservation loss (default 1.0)")
+                    "class word for the token), unrelated (fixed world prompts) or a file of prompts, one per line "
+                    "(default: off)")
+    tr.add_argument("--preserve-weight", type=float, help="weight of the output-preservation loss (default: 1.0)")
     tr.add_argument("--ico", action="store_true", help="ICO: each training image its own context vectors around "
-                    "'<v> <class>' (lora, dreambooth, custom_diffusion, purecc, textual_inversion); dropped at inference")
-    tr.add_argument("--n-ctx", type=int, help="ICO: context vectors before the token (default 1)")
-    tr.add_argument("--n-end", type=int, help="ICO: context vectors after the class word (default 1)")
-    tr.add_argument("--ctx-lr-scale", type=float, help="ICO: the contexts' learning rate over the run's (default 10)")
-    tr.add_argument("--gradient-checkpointing", action="store_true")
-    tr.add_argument("--use-8bit-adam", action="store_true")
-    tr.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"))
-    tr.add_argument("--ema-decay", type=float, help="EMA of the trained weights, e.g. 0.999 (0: off; default: the method's)")
-    tr.add_argument("--sample-every", type=int)
-    tr.add_argument("--sample-prompt", action="append")
-    tr.add_argument("--export", action="append", help="extra output formats: kohya")
-    tr.add_argument("--resume", help="'latest' or a checkpoint file")
-    tr.add_argument("--overwrite", action="store_true", help="replace the run --out already holds")
+                    "'<v> <class>' (lora, dreambooth, custom_diffusion, purecc, textual_inversion); dropped at inference "
+                    "(default: off)")
+    tr.add_argument("--n-ctx", type=int, help="ICO: context vectors before the token (default: 1)")
+    tr.add_argument("--n-end", type=int, help="ICO: context vectors after the class word (default: 1)")
+    tr.add_argument("--ctx-lr-scale", type=float, help="ICO: the contexts' learning rate over the run's (default: 10)")
+    tr.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in the backward pass: less memory, slower steps (default: off)")
+    tr.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (default: off)")
+    tr.add_argument("--checkpoint-every", type=_at_least_zero("--checkpoint-every"),
+                    help="a resumable checkpoint (safetensors, OUT/checkpoints/) every N steps and at the end; 0: none, "
+                         "and no --resume (default: 100)")
+    tr.add_argument("--keep-checkpoints", type=_positive("--keep-checkpoints"),
+                    help="how many of the newest checkpoints are kept (default: 2)")
+    tr.add_argument("--ema-decay", type=float, help="EMA of the trained weights, e.g. 0.999; 0: off (default: the "
+                                                    "method's: off, concept_centric 0.999)")
+    tr.add_argument("--validation-prompt", "--sample-prompt", dest="sample_prompt", action="append", metavar="TEXT",
+                    help="a prompt whose grid (4 images, 25 DDIM steps, seeds from --seed) is drawn into OUT/samples/ "
+                         "during and after training; repeatable (default: none)")
+    tr.add_argument("--validation-every", "--sample-every", dest="sample_every", metavar="N",
+                    type=_at_least_zero("--validation-every"),
+                    help="draw the validation grid every N steps and at the end; 0: at the end only "
+                         "(default: 100, with a --validation-prompt)")
+    tr.add_argument("--report-to", help="tensorboard (logs in OUT/logs/) or none; OUT/log.jsonl has every step either "
+                                        "way (default: tensorboard where it is installed, else none)")
+    tr.add_argument("--export", action="append", help="an extra output format, repeatable: kohya "
+                                                      "(lora_kohya.safetensors, kohya / ComfyUI key layout) (default: none)")
+    tr.add_argument("--resume", help="'latest' or a checkpoint file (default: start afresh)")
+    tr.add_argument("--overwrite", action="store_true", help="replace the run --out already holds (default: off)")
     tr.add_argument("--allow-pickle", action="store_true",
-                    help="load a model whose weights are pickles (.bin); a pickle can run code, use trusted files only")
-    tr.add_argument("--rank", type=_positive("--rank"))
-    tr.add_argument("--alpha", type=float)
-    tr.add_argument("--vectors", type=_positive("--vectors"))
+                    help="load a model whose weights are pickles (.bin); a pickle can run code, use trusted files only "
+                         "(default: off)")
+    tr.add_argument("--rank", type=_positive("--rank"), help="LoRA rank (default: 4; clif, concept_centric 16)")
+    tr.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by alpha / rank (default: 4; clif, "
+                                                "concept_centric 16)")
+    tr.add_argument("--train-text-encoder", action="store_true",
+                    help="lora: a LoRA of the same rank on the CLIP text encoders' attention (q, k, v, out) too, at "
+                         "--lr; saved in pytorch_lora_weights.safetensors and the kohya file (default: off)")
+    tr.add_argument("--vectors", type=_positive("--vectors"),
+                    help="textual_inversion, clif: embedding vectors per token (default: 1)")
     tr.add_argument("--stage", choices=("1", "2", "3", "both", "all"),
-                    help="PureCC, SPF: 1, 2 or both (default); CLIF: 1, 2, 3 or all (default)")
-    tr.add_argument("--stage1-run", help="PureCC --stage 2: the finished stage-1 run folder to start from")
-    tr.add_argument("--previous-run", help="CLIF --stage 2|3: the finished run of the stage before")
-    tr.add_argument("--init-run", help="SPF: an earlier run whose LoRA stays in the model, fixed (learning attributes in turn)")
-    tr.add_argument("--clip", help="SPF, CLIF: a local CLIP model folder (default: the model's own clip/; SPF: none turns its "
-                                   "response-enhancement loss off)")
-    tr.add_argument("--dump-pairs", help="CLIF: write the stage-1 pairs (PNG, masks, pairs.jsonl) to this folder and stop")
-    tr.add_argument("--method-arg", action="append", help="KEY=VALUE for the method's own settings")
+                    help="PureCC, SPF: 1, 2 or both; CLIF: 1, 2, 3 or all (default: both / all)")
+    tr.add_argument("--stage1-run", help="PureCC --stage 2: the finished stage-1 run folder to start from (default: none)")
+    tr.add_argument("--previous-run", help="CLIF --stage 2|3: the finished run of the stage before (default: none)")
+    tr.add_argument("--init-run", help="SPF: an earlier run whose LoRA stays in the model, fixed (learning attributes "
+                                       "in turn) (default: none)")
+    tr.add_argument("--clip", help="SPF, CLIF: a local CLIP model folder; SPF: none turns its response-enhancement loss "
+                                   "off (default: the model's own clip/)")
+    tr.add_argument("--dump-pairs", help="CLIF: write the stage-1 pairs (PNG, masks, pairs.jsonl) to this folder and "
+                                         "stop (default: off)")
+    tr.add_argument("--method-arg", action="append",
+                    help="KEY=VALUE for the method's own settings, repeatable, e.g. train_token=false "
+                         "(default: the method's; see docs/)")
     tr.set_defaults(func=cmd_train)
 
     sa = sub.add_parser("sample", help="image grids from a model and runs, with (generalized) classifier-free guidance")
@@ -647,9 +766,18 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--unconditional", help="the run whose f(∅) the guidance starts from (default: the frozen original "
                                            "with --guide, the run itself with --adapter)")
     sa.add_argument("--prompt", action="append", help="a grid row's prompt (repeatable)")
-    sa.add_argument("--n", type=_positive("--n"), help="images per prompt (default 4)")
-    sa.add_argument("--out", required=True, help="the grid, a .png")
-    sa.add_argument("--seed", type=int)
+    sa.add_argument("--negative-prompt", help="what the guidance pushes away from, in place of the empty prompt, as "
+                                              "a diffusers pipeline's negative_prompt (default: none)")
+    sa.add_argument("--lora-scale", type=float, help="every run's LoRA update times this, as diffusers' "
+                                                     "cross_attention_kwargs={'scale': s} (default: 1)")
+    sa.add_argument("--height", type=_positive("--height"), help="picture height in pixels (default: the model's "
+                                                                  "native size)")
+    sa.add_argument("--width", type=_positive("--width"), help="picture width in pixels (default: the model's "
+                                                               "native size)")
+    sa.add_argument("--n", type=_positive("--n"), help="images per prompt (default: 4)")
+    sa.add_argument("--out", required=True, help="the grid, a .png; each picture is also written beside it as "
+                                                 "GRID-ROW-seedSEED.png")
+    sa.add_argument("--seed", type=int, help="image k of each row is drawn from seed + k (default: 0)")
     sa.add_argument("--steps", type=_positive("--steps"), help="sampling steps (default 50)")
     sa.add_argument("--guidance", type=float, help="the weight of the one term given by --adapter/--prompt (default 5)")
     sa.add_argument("--scheduler", help="ddim (default), euler or ddpm")
@@ -759,6 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-steps", type=_positive("--train-steps"), default=None, help="steps per method and stage (default 300)")
     demo.add_argument("--sample-steps", type=_positive("--sample-steps"), default=50)
     demo.set_defaults(func=cmd_demo)
+    _mark_leaves(parser)
     return parser
 
 
@@ -787,7 +916,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_loading()
     args = None
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise UsageError(unknown_argument_message(getattr(args, "_command_parser", parser), extra))
         args.func(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

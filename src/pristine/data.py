@@ -148,8 +148,10 @@ class ConceptImages:
     extras: list[dict] | None = None  # per image: prompt fields besides the caption (data.PROMPT_FIELDS)
 
     @classmethod
-    def load(cls, spec: ConceptSpec, captioned: bool = True) -> "ConceptImages":
-        """`captioned=False`: a domain's uncaptioned folder for a text-free method; captions are ignored."""
+    def load(cls, spec: ConceptSpec, captioned: bool = True, instance_prompt: str = "") -> "ConceptImages":
+        """`captioned=False`: a domain's uncaptioned folder for a text-free method; captions are ignored.
+        `instance_prompt`: the caption of every image without its own (.txt, metadata.jsonl), instead of
+        the templates."""
         folder = Path(spec.images)
         if not folder.exists():
             raise UsageError(f"images folder {folder} does not exist; give a folder of the concept's images")
@@ -164,7 +166,7 @@ class ConceptImages:
         captions = []
         for i, (path, text) in enumerate(zip(files, texts)):
             if text is None:
-                text = TEMPLATES[i % len(TEMPLATES)].format(token=spec.token, cls=spec.class_word)
+                text = instance_prompt or TEMPLATES[i % len(TEMPLATES)].format(token=spec.token, cls=spec.class_word)
             elif spec.token not in text:
                 raise UsageError(f"caption of {path} does not name the token {spec.token!r}: {text!r}; add the token to it")
             captions.append(text)

@@ -1,4 +1,11 @@
-"""Adapter formats in and out: diffusers LoRA <-> kohya / ComfyUI key layout."""
+"""Adapter formats in and out: diffusers LoRA <-> kohya / ComfyUI key layout.
+
+kohya sd-scripts names a LoRA layer `lora_unet_<module path, dots as underscores>` (text encoders:
+`lora_te_` for SD1.x/2.x's one, `lora_te1_` / `lora_te2_` for SDXL's two and FLUX.1's CLIP), with
+`.lora_down.weight`, `.lora_up.weight` and `.alpha`. The module path is the UNet kohya itself trains
+on: for SD1.x/2.x that is a copy of diffusers' UNet (`down_blocks_0_attentions_0_...`), for SDXL the
+original (SGM) one (`input_blocks_4_1_...`); FLUX.1 follows BFL's model with fused q/k/v.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,8 @@ from safetensors.torch import load_file
 from .checkpoint import atomic_save
 
 
-def _ldm_block(name: str, layers_per_block: int) -> str:
-    """diffusers UNet module path -> the original (LDM) Stable Diffusion path kohya names keys by."""
+def ldm_block(name: str, layers_per_block: int) -> str:
+    """diffusers UNet module path -> the original (LDM / SGM) Stable Diffusion path kohya names SDXL keys by."""
     m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
     if m:
         i, j, rest = int(m[1]), int(m[2]), m[3]
@@ -31,7 +38,7 @@ def _lora_pairs(state: dict[str, torch.Tensor], prefix: str = "unet") -> dict[st
     """Group diffusers LoRA tensors by the module they adapt: {module: {'down': A, 'up': B}}."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        m = re.match(prefix + r"\.(.*)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)\.weight$", key)
+        m = re.match(re.escape(prefix) + r"\.(.*)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)\.weight$", key)
         if not m:
             continue
         kind = "down" if m[2] in ("lora_A", "lora.down", "lora_linear_layer.down") else "up"
@@ -39,17 +46,32 @@ def _lora_pairs(state: dict[str, torch.Tensor], prefix: str = "unet") -> dict[st
     return pairs
 
 
-def write_kohya(diffusers_lora: Path, out: Path, alpha: float, layers_per_block: int) -> Path:
-    """kohya sd-scripts / ComfyUI layout: lora_unet_<ldm path>.lora_down/.lora_up/.alpha."""
+def _kohya_layer(tensors: dict, name: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
+    tensors[f"{name}.lora_down.weight"] = down.to(torch.float16)
+    tensors[f"{name}.lora_up.weight"] = up.to(torch.float16)
+    tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float16)
+
+
+def _text_encoder_layers(state: dict[str, torch.Tensor], tensors: dict, alpha: float,
+                         text_prefixes: dict[str, str]) -> None:
+    """The text encoders' LoRA layers (diffusers file prefix -> kohya prefix), module paths as they are."""
+    for file_prefix, kohya_prefix in text_prefixes.items():
+        for module, pair in _lora_pairs(state, file_prefix).items():
+            _kohya_layer(tensors, kohya_prefix + module.replace(".", "_"), pair["down"], pair["up"], alpha)
+
+
+def write_kohya(diffusers_lora: Path, out: Path, alpha: float, unet_path=lambda module: module,
+                text_prefixes: dict[str, str] | None = None) -> Path:
+    """kohya sd-scripts / ComfyUI layout of a UNet family's LoRA: lora_unet_<unet_path(module)>, and the
+    text encoders' layers under their kohya prefixes."""
     state = load_file(str(diffusers_lora))
+    pairs = _lora_pairs(state)
     tensors = {}
-    for module, pair in _lora_pairs(state).items():
-        name = "lora_unet_" + _ldm_block(module, layers_per_block).replace(".", "_")
-        tensors[f"{name}.lora_down.weight"] = pair["down"].to(torch.float16)
-        tensors[f"{name}.lora_up.weight"] = pair["up"].to(torch.float16)
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float16)
+    for module, pair in pairs.items():
+        _kohya_layer(tensors, "lora_unet_" + unet_path(module).replace(".", "_"), pair["down"], pair["up"], alpha)
+    _text_encoder_layers(state, tensors, alpha, text_prefixes or {})
     atomic_save(tensors, out, metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha),
-                                        "ss_network_dim": str(next(iter(_lora_pairs(state).values()))["down"].shape[0])})
+                                        "ss_network_dim": str(next(iter(pairs.values()))["down"].shape[0])})
     return out
 
 
@@ -70,11 +92,12 @@ _FLUX_SINGLE = {  # under single_transformer_blocks.i -> single_blocks_i_...
 }
 
 
-def write_kohya_flux(diffusers_lora: Path, out: Path, alpha: float, out_features) -> Path:
+def write_kohya_flux(diffusers_lora: Path, out: Path, alpha: float, out_features,
+                     text_prefixes: dict[str, str] | None = None) -> Path:
     """kohya sd-scripts / ComfyUI FLUX.1 layout. LoRAs on the parts of a fused layer become one LoRA of
     the summed rank whose up matrix is block-diagonal (zero blocks for parts without a LoRA), with the
     alpha scaled alike, so alpha / rank, and the update, stay the same; `out_features(module)` gives a
-    part's output width."""
+    part's output width. The CLIP text encoder's layers (when trained) keep their own names under `lora_te1_`."""
     state = load_file(str(diffusers_lora))
     pairs = _lora_pairs(state, "transformer")
     tensors, used = {}, set()
@@ -101,5 +124,30 @@ def write_kohya_flux(diffusers_lora: Path, out: Path, alpha: float, out_features
         tensors[f"{kohya}.lora_down.weight"] = torch.cat(downs).to(torch.float16)
         tensors[f"{kohya}.lora_up.weight"] = torch.block_diag(*ups).to(torch.float16)
         tensors[f"{kohya}.alpha"] = torch.tensor(float(alpha) * len(names), dtype=torch.float16)
+    _text_encoder_layers(state, tensors, alpha, text_prefixes or {})
     atomic_save(tensors, out, metadata={"ss_network_module": "networks.lora_flux", "ss_network_alpha": str(alpha)})
+    return out
+
+
+# ---- Custom Diffusion: diffusers' attention-processor layout ----------------------------------------
+
+CUSTOM_DIFFUSION_PROCS = "pytorch_custom_diffusion_weights.safetensors"  # the name diffusers' script writes
+
+
+def custom_diffusion_attn_procs(unet, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trained cross-attention K/V (denoiser parameter name -> weight) as the state dict
+    `unet.load_attn_procs` turns into CustomDiffusionAttnProcessors: '<processor>.to_k_custom_diffusion.weight'
+    and '.to_v_custom_diffusion.weight' per cross-attention layer. Every other attention layer gets an
+    empty tensor under its processor's name: the loader then builds a plain processor for it, and the
+    set of processors is complete, which `set_attn_processor` requires (diffusers' own safetensors file
+    leaves them out, so it loads only with the pickled variant)."""
+    out = {}
+    for processor in unet.attn_processors:
+        layer = processor[: -len(".processor")]
+        k, v = trained.get(f"{layer}.to_k.weight"), trained.get(f"{layer}.to_v.weight")
+        if k is None or v is None:
+            out[processor] = torch.zeros(0)
+            continue
+        out[f"{processor}.to_k_custom_diffusion.weight"] = k.detach().float().contiguous()
+        out[f"{processor}.to_v_custom_diffusion.weight"] = v.detach().float().contiguous()
     return out

@@ -28,14 +28,17 @@ def set_scheduler(pipe, name: str) -> None:
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 50, guidance: float = 5.0, batch: int = 50,
-             desc: str = "generate", scheduler: str = "ddim") -> list[np.ndarray]:
+             desc: str = "generate", scheduler: str = "ddim", **call) -> list[np.ndarray]:
     """One seeded generator per image, so every picture is reproducible on its own. `pipe` is what
-    `load_pipeline` gives (the engine's RunSampler, or a diffusers pipeline)."""
+    `load_pipeline` gives (the engine's RunSampler, or a diffusers pipeline); `call`: more arguments of a
+    diffusers pipeline's call (negative_prompt, height, width)."""
     from tqdm import tqdm
 
     from .sampling import RunSampler
 
     if isinstance(pipe, RunSampler):
+        if call:
+            raise TypeError(f"the engine's RunSampler takes no {', '.join(call)}; use sampling.sample(...)")
         return pipe.generate(prompts, seeds, steps=steps, guidance=guidance, batch=batch, desc=desc, scheduler=scheduler)
 
     set_scheduler(pipe, scheduler)
@@ -43,9 +46,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 50, guidan
     images = []
     for i in tqdm(range(0, len(prompts), batch), desc=desc, disable=len(prompts) <= batch):
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
+        if isinstance(call.get("negative_prompt"), str):  # the pipelines want one per prompt of the list
+            call = {**call, "negative_prompt": [call["negative_prompt"]] * len(generators)}
         with torch.no_grad():
             out = pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generators, output_type="np")
+                       generator=generators, output_type="np", **call)
         images.extend((np.clip(out.images, 0, 1) * 255).round().astype(np.uint8))
     return images
 
@@ -76,9 +81,9 @@ def run_tokens(run: Path) -> list[str]:
         return list(f.keys())
 
 
-def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = False):
+def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = False, lora_scale: float = 1.0):
     """The base model with a run's outputs applied: the engine's RunSampler where the engine drives the
-    family, else the family's diffusers pipeline."""
+    family, else the family's diffusers pipeline; a run's LoRA scaled by `lora_scale`."""
     from .backbones import backbone_class, resolve_model
     from .backbones.base import load_embeddings, pipeline_denoiser
     from .files import check_model_weights, check_safetensors
@@ -88,7 +93,7 @@ def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = F
     if family.GUIDED_SAMPLING:
         from .sampling import RunSampler
 
-        return RunSampler(model, adapter, allow_pickle)
+        return RunSampler(model, adapter, allow_pickle, lora_scale)
     # flow families: their own pipeline with the run's files loaded
     run = Path(adapter) if adapter else None
     if run is not None and not run.is_dir():
@@ -105,7 +110,9 @@ def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = F
         return pipe
     found = False
     if (run / "pytorch_lora_weights.safetensors").is_file():
-        pipe.load_lora_weights(str(run), weight_name="pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(str(run), weight_name="pytorch_lora_weights.safetensors", adapter_name="run")
+        if lora_scale != 1:
+            pipe.set_adapters(["run"], adapter_weights=[lora_scale])
         found = True
     if (run / "custom_diffusion.safetensors").is_file():
         from .methods.custom_diffusion import apply_custom_diffusion
@@ -116,3 +123,26 @@ def load_pipeline(model: str, adapter: str | None = None, allow_pickle: bool = F
     if not found:
         raise UsageError(f"--adapter {adapter}: holds no pristine outputs (LoRA, embeddings or a model folder)")
     return pipe
+
+
+def pipeline_rows(settings) -> list[list[np.ndarray]]:
+    """`pristine sample` for the families the engine does not drive yet (SD3, FLUX): ordinary CFG with at
+    most one run through the family's own diffusers pipeline; one row of settings.n pictures per prompt."""
+    from .backbones import backbone_class, resolve_model
+
+    family = backbone_class(resolve_model(settings.model))
+    one_term = len(settings.guides) == 1 and settings.unconditional == settings.guides[0].adapter
+    if not one_term or not settings.prompts:
+        raise UsageError(f"the {family.family} family samples with ordinary CFG only for now: give --prompt (and "
+                         "--adapter, --guidance), not --guide or --unconditional")
+    if settings.negative_prompt and not family.NEGATIVE_PROMPT:
+        raise UsageError(f"--negative-prompt: {family.family} models are guidance-distilled and draw without a "
+                         "negative prompt; drop it")
+    g = settings.guides[0]
+    pipe = load_pipeline(settings.model, g.adapter or None, allow_pickle=settings.allow_pickle,
+                         lora_scale=settings.lora_scale)
+    call = {k: v for k, v in (("negative_prompt", settings.negative_prompt), ("height", settings.height),
+                              ("width", settings.width)) if v}
+    seeds = [settings.seed + k for k in range(settings.n)]
+    return [generate(pipe, [prompt] * settings.n, seeds, steps=settings.steps, guidance=g.weight,
+                     scheduler=settings.scheduler, **call) for prompt in settings.prompts]

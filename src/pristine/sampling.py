@@ -107,11 +107,18 @@ class SampleSettings:
     agg_time: float = 0.3  # dci: the early fraction of the steps with the auxiliary branch
     dci_lambda: float = 0.0  # dci: λ, the auxiliary branch's pull in the blend, in [-2, 2]
     shared_guidance: bool = True  # dci: the auxiliary branch guided from the concept branch's f(∅)
+    # what the guidance starts from instead of ∅, as a diffusers pipeline's negative_prompt
+    negative_prompt: str = ""
+    lora_scale: float = 1.0  # every run's LoRA update scaled by it (diffusers' cross_attention_kwargs scale)
+    height: int = 0  # pixels; 0: the model's native size
+    width: int = 0
+
+    OPTIONAL = ("model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional", "sampler", "agg_time",
+                "dci_lambda", "shared_guidance", "negative_prompt", "lora_scale", "height", "width")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "SampleSettings":
-        known = {"guides", "prompts", "model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional",
-                 "sampler", "agg_time", "dci_lambda", "shared_guidance"}
+        known = {"guides", "prompts", *cls.OPTIONAL}
         for key in values:
             if key not in known:
                 raise UsageError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
@@ -124,8 +131,7 @@ class SampleSettings:
         settings = cls(guides=[g if isinstance(g, Guide) else Guide.from_dict(g, f"{where}.guides[{i}]")
                                for i, g in enumerate(guides)],
                        prompts=[str(p) for p in prompts],
-                       **{k: values[k] for k in ("model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional",
-                                                 "sampler", "agg_time", "dci_lambda", "shared_guidance") if k in values})
+                       **{k: values[k] for k in cls.OPTIONAL if k in values})
         settings.validate(where)
         return settings
 
@@ -147,6 +153,11 @@ class SampleSettings:
                 raise UsageError(f"{where}.{name} ({flag}): must be a number from {low:g} to {high:g}, got {value!r}")
         if not isinstance(self.shared_guidance, bool):
             raise UsageError(f"{where}.shared_guidance: true or false, got {self.shared_guidance!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise UsageError(f"{where}.negative_prompt (--negative-prompt): text, got {self.negative_prompt!r}")
+        if isinstance(self.lora_scale, bool) or not isinstance(self.lora_scale, (int, float)) or not math.isfinite(self.lora_scale):
+            raise UsageError(f"{where}.lora_scale (--lora-scale): a number such as 0.8, got {self.lora_scale!r}")
+        self._check_size(where)
         if self.scheduler not in SCHEDULERS:
             raise UsageError(f"{where}.scheduler: {self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         if not self.guides:
@@ -157,6 +168,27 @@ class SampleSettings:
             if g.adapter:
                 # every run checked before any model loads
                 read_run(g.adapter, f"--guide {i + 1}" if where == "flags" else f"{where}.guides[{i}]")
+        runs = [g.adapter for g in self.guides if g.adapter] + ([self.unconditional] if self.unconditional else [])
+        if self.lora_scale != 1 and not any((Path(r) / "pytorch_lora_weights.safetensors").is_file() for r in runs):
+            raise UsageError(f"{where}.lora_scale (--lora-scale {self.lora_scale:g}): no run given has a LoRA "
+                             "(pytorch_lora_weights.safetensors); drop it, or give a LoRA run with --adapter")
+
+    def _check_size(self, where: str) -> None:
+        """Height and width: whole multiples of what the model's latents and patches divide pictures by."""
+        from .backbones import backbone_class, resolve_model
+
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"{where}.{name} (--{name}): a whole number of pixels, got {value!r}")
+        if self.height or self.width:
+            folder = resolve_model(self.model)
+            step = backbone_class(folder).size_multiple(folder)
+            for name in ("height", "width"):
+                value = getattr(self, name)
+                if value and value % step:
+                    raise UsageError(f"{where}.{name} (--{name} {value}): this model draws pictures in steps of {step} "
+                                     f"pixels; give a multiple of {step}, e.g. {max(step, value // step * step)}")
 
     def rows(self) -> list[str]:
         """The grid's rows: one per --prompt (none given: one row, {prompt} is the empty prompt), or a
@@ -240,7 +272,7 @@ class Denoiser:
         missing = sorted(set(prompts) - set(self._cache))
         if missing:
             expanded = [self.backbone.expand_prompt(p, self.tokens) for p in missing]
-            with torch.no_grad():
+            with torch.no_grad(), self.active():  # a run's text-encoder LoRA encodes its own prompts only
                 encoded = self.backbone.encode_prompts(expanded)
             for i, p in enumerate(missing):
                 self._cache[p] = {k: v[i] for k, v in encoded.items()}
@@ -267,13 +299,26 @@ class AdapterDenoiser(Denoiser):
         yield
 
 
+def scale_lora(backbone, name: str, scale: float) -> None:
+    """Adapter `name`'s update times `scale` in every layer (denoiser and text encoders), once, where it
+    is loaded: what diffusers' `cross_attention_kwargs={"scale": s}` does for the length of a call."""
+    from peft.tuners.lora import LoraLayer
+
+    for model in (backbone.denoiser, *backbone.text_encoders):
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer) and name in layer.scaling:
+                layer.scaling[name] *= scale
+
+
 def use_adapter(backbone, name: str | None) -> None:
-    """Only adapter `name` of the denoiser on (None: none); a denoiser without adapters is left alone."""
+    """Only adapter `name` of the denoiser and the text encoders on (None: none); a model without
+    adapters is left alone."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = backbone.__dict__.get("_tuner_layers")
     if layers is None:
-        layers = [m for m in backbone.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        layers = [m for model in (backbone.denoiser, *backbone.text_encoders) for m in model.modules()
+                  if isinstance(m, BaseTunerLayer)]
         backbone._tuner_layers = layers
     for layer in layers:
         if name is None:
@@ -287,10 +332,10 @@ class Models:
     """Every copy of weights one sampling loads, each once: the original model and what runs bring
     (adapters on the original's copy where they can be, a copy of their own where they change it)."""
 
-    def __init__(self, model: str = "mini", allow_pickle: bool = False):
+    def __init__(self, model: str = "mini", allow_pickle: bool = False, lora_scale: float = 1.0):
         from .backbones import resolve_model
 
-        self.model, self.allow_pickle = model, allow_pickle
+        self.model, self.allow_pickle, self.lora_scale = model, allow_pickle, lora_scale
         self.folder = resolve_model(model)
         self._copies: dict[str, object] = {}
         self._runs: dict[str, Denoiser] = {}
@@ -351,6 +396,8 @@ class Models:
         name = f"run{len(self._runs)}_{re.sub(r'[^A-Za-z0-9_]', '_', run.name)}"
         backbone.pipeline().load_lora_weights(str(run), weight_name=path.name, adapter_name=name)
         backbone.__dict__.pop("_tuner_layers", None)  # new adapter layers: collect them again
+        if self.lora_scale != 1:
+            scale_lora(backbone, name, self.lora_scale)
         return name
 
     def load_tokens(self, run: Path, backbone=None) -> dict[str, int]:
@@ -406,6 +453,9 @@ class GuidedSampler:
     """The one sampling loop. A method with its own way of sampling subclasses it (`Method.sampler`):
     `forward_group` is where its attention processors go, `combine` where its own guidance rule goes."""
 
+    negative_prompt: str = ""  # encoded by the unconditional denoiser in place of ∅ (a pipeline's negative_prompt)
+    size: tuple[int, int] | None = None  # (height, width) in pixels; None: the model's native size
+
     def __init__(self, unconditional: Denoiser, scheduler: str = "ddim"):
         self.unconditional, self.scheduler_name = unconditional, scheduler
         self.backbone = unconditional.backbone  # noise shape, scheduler, VAE (the frozen original's by default)
@@ -438,8 +488,11 @@ class GuidedSampler:
 
     def _uncond(self, n: int) -> dict:
         if getattr(self, "_uncond_cache", (0, None))[0] != n:
-            with torch.no_grad():
-                self._uncond_cache = (n, self.backbone.unconditional(n))
+            if self.negative_prompt:
+                self._uncond_cache = (n, self.unconditional.encode([self.negative_prompt] * n))
+            else:
+                with torch.no_grad(), self.unconditional.active():  # with the run's text-encoder LoRA, if any
+                    self._uncond_cache = (n, self.backbone.unconditional(n))
         return self._uncond_cache[1]
 
     @torch.no_grad()
@@ -460,7 +513,8 @@ class GuidedSampler:
         scheduler = make_scheduler(bb, self.scheduler_name)
         scheduler.set_timesteps(steps)
         dtype = next(bb.denoiser.parameters()).dtype
-        latents = randn_tensor(bb.latent_shape(len(generators)), generator=generators, device=bb.denoiser.device, dtype=dtype)
+        shape = bb.latent_shape(len(generators), *(self.size or ()))
+        latents = randn_tensor(shape, generator=generators, device=bb.denoiser.device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma
         accepted = set(inspect.signature(scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in accepted}
@@ -504,12 +558,16 @@ def sample(settings: SampleSettings | None = None, models: Models | None = None,
     from tqdm import tqdm
 
     settings = settings or SampleSettings.from_dict(values, "sample()")
-    models = models or Models(settings.model, settings.allow_pickle)
+    models = models or Models(settings.model, settings.allow_pickle, settings.lora_scale)
     denoisers = [models.run(g.adapter) if g.adapter else models.original for g in settings.guides]
     unconditional = models.run(settings.unconditional) if settings.unconditional else None
     engine = sampler_for(models, denoisers, settings.scheduler, unconditional, settings.sampler,
                          **({"agg_time": settings.agg_time, "lam": settings.dci_lambda,
                              "shared_guidance": settings.shared_guidance} if settings.sampler == "dci" else {}))
+    engine.negative_prompt = settings.negative_prompt
+    if settings.height or settings.width:
+        native = engine.backbone.image_size
+        engine.size = (settings.height or native, settings.width or native)
     rows = settings.rows()
     out = []
     for row in tqdm(rows, desc=desc, disable=len(rows) < 2):
@@ -525,8 +583,9 @@ class RunSampler:
     the run's diffusers pipeline would draw it (tested to the same pictures): what the demo, the
     benches and the eval presets draw with."""
 
-    def __init__(self, model: str = "mini", adapter: str | None = None, allow_pickle: bool = False):
-        self.models = Models(model, allow_pickle)
+    def __init__(self, model: str = "mini", adapter: str | None = None, allow_pickle: bool = False,
+                 lora_scale: float = 1.0):
+        self.models = Models(model, allow_pickle, lora_scale)
         self.denoiser = self.models.run(adapter, "--adapter") if adapter else self.models.original
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int = 50, guidance: float = 5.0, batch: int = 50,
@@ -539,6 +598,27 @@ class RunSampler:
             generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch]]
             images.extend(engine.sample([Term(self.denoiser, list(prompts[i : i + batch]), guidance)], generators, steps))
         return images
+
+
+def write_images(rows: list[list[np.ndarray]], out: Path, seed: int) -> list[Path]:
+    """Each picture of a grid as a PNG of its own beside it: <grid>-<row>-seed<seed>.png (image k of
+    every row is drawn from seed + k), each written through a temporary name."""
+    from PIL import Image
+
+    from .files import durable_replace
+
+    paths = []
+    for r, row in enumerate(rows):
+        for k, picture in enumerate(row):
+            path = out.with_name(f"{out.stem}-{r:02d}-seed{seed + k}.png")
+            tmp = path.with_name(path.stem + ".tmp.png")
+            try:
+                Image.fromarray(np.asarray(picture)).save(tmp, format="PNG")
+                durable_replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            paths.append(path)
+    return paths
 
 
 def write_grid(rows: list[list[np.ndarray]], labels: list[str], out: Path) -> Path:

@@ -33,7 +33,11 @@ class TrainConfig:
     method: str = "lora"
     method_args: dict = field(default_factory=dict)
     concepts: list = field(default_factory=list)  # of ConceptSpec
+    # one prompt for every image without a caption of its own, instead of the templates ("{token}" and
+    # "{cls}" stand for each concept's token and class word); "" the templates
+    instance_prompt: str = ""
     steps: int = 400
+    epochs: int = 0  # > 0: steps = epochs passes over the instance images (replaces steps)
     batch_size: int = 4
     gradient_accumulation: int = 1
     lr: float | None = None  # unset: the method's default, written into config.yaml
@@ -63,10 +67,13 @@ class TrainConfig:
     n_ctx: int = 1
     n_end: int = 1
     ctx_lr_scale: float = 10.0
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # 0: no checkpoints (and no --resume)
     keep_checkpoints: int = 2
-    sample_every: int = 0
+    # validation grids of sample_prompts every sample_every steps and at the end (0: at the end only;
+    # unset: every DEFAULT_SAMPLE_EVERY steps)
+    sample_every: int | None = None
     sample_prompts: list = field(default_factory=list)
+    report_to: str = ""  # "tensorboard" or "none"; "": tensorboard where it is installed
     export: list = field(default_factory=list)  # extra formats: "kohya"
     resume: str = ""  # "latest" or a checkpoint path
     overwrite: bool = False  # replace whatever run --out holds
@@ -74,16 +81,24 @@ class TrainConfig:
 
     # settings a resumed run may change: where it is, how it is resumed, what it keeps and shows;
     # every other one shapes the weights, so a change is refused
+    # (epochs is how steps was given: steps itself is compared)
     RESUMABLE_CHANGES = ("out", "resume", "overwrite", "allow_pickle", "checkpoint_every", "keep_checkpoints",
-                         "sample_every", "sample_prompts", "export")
+                         "sample_every", "sample_prompts", "export", "report_to", "epochs")
     # settings added after runs were already written: what an older config.yaml without them meant
-    ADDED_LATER = {"ema_decay": 0.0, "ico": False, "n_ctx": 1, "n_end": 1, "ctx_lr_scale": 10.0}
+    ADDED_LATER = {"ema_decay": 0.0, "ico": False, "n_ctx": 1, "n_end": 1, "ctx_lr_scale": 10.0, "instance_prompt": ""}
+    # other names a YAML file may use for a key (the diffusers scripts' words)
+    KEY_ALIASES = {"validation_prompt": "sample_prompts", "validation_prompts": "sample_prompts",
+                   "validation_every": "sample_every"}
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
         known = {f.name: f for f in fields(cls)}
         out = {}
         for key, value in values.items():
+            if key in cls.KEY_ALIASES:
+                key = cls.KEY_ALIASES[key]
+                if key == "sample_prompts" and isinstance(value, str):
+                    value = [value]
             if key not in known:
                 raise UsageError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
             if key == "concepts":
@@ -96,6 +111,8 @@ class TrainConfig:
                 default = getattr(cls, key, None)
                 out[key] = _coerce(value, known[key].type, default, f"{where}.{key}")
         config = cls(**out)
+        if config.epochs and "steps" in values:  # a run's own config.yaml has both: they must agree
+            config._steps_given = (config.steps, where)
         config.validate(where)
         return config
 
@@ -117,14 +134,17 @@ class TrainConfig:
                               ("lr_scheduler", ("constant", "constant_with_warmup", "linear", "cosine"))):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{where}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "keep_checkpoints",
-                     "num_class_images"):
+        for name in ("steps", "batch_size", "gradient_accumulation", "keep_checkpoints", "num_class_images"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "resolution", "seed", "weight_decay", "max_grad_norm", "prior_weight",
-                     "preserve_weight"):
+        for name in ("warmup_steps", "checkpoint_every", "resolution", "seed", "weight_decay", "max_grad_norm",
+                     "prior_weight", "preserve_weight", "epochs"):
             if not getattr(self, name) >= 0:  # also false for nan
                 raise UsageError(f"{where}.{name}: must be zero or more, got {getattr(self, name)}")
+        self._check_validation(where)
+        self._check_report_to(where)
+        if self.instance_prompt:
+            self.instance_prompts(where)
         if self.ema_decay is None:
             self.ema_decay = method.default_ema_decay  # explicit in config.yaml
         elif not 0 <= self.ema_decay < 1:
@@ -139,6 +159,9 @@ class TrainConfig:
         for fmt in self.export:
             if fmt not in ("kohya",):
                 raise UsageError(f"{where}.export: unknown format {fmt!r}; extra formats: kohya")
+        if "train_text_encoder" in self.method_args and "train_text_encoder" not in {f.name for f in fields(method.Config)}:
+            raise UsageError(f"{where}.method_args.train_text_encoder (--train-text-encoder): method {self.method} has no "
+                             "text-encoder LoRA; it applies to lora")
         get_method(self.method).Config.from_dict(self.method_args, f"{where}.method_args")
         if self.ico:
             if not method.takes_image_contexts:
@@ -151,6 +174,58 @@ class TrainConfig:
                 raise UsageError(f"{where}.ctx_lr_scale: must be a positive number, got {self.ctx_lr_scale}; e.g. 10")
         if self.preserve:
             self.output_preservation(f"{where}.")  # the source and the method, before any work
+
+    def _check_validation(self, where: str) -> None:
+        if self.sample_every is not None and not self.sample_every >= 0:
+            raise UsageError(f"{where}.sample_every (--validation-every): must be zero or more, got {self.sample_every}")
+        if self.sample_every and not self.sample_prompts:
+            raise UsageError(f"{where}.sample_every (--validation-every {self.sample_every}): no validation prompt to "
+                             "draw; add --validation-prompt TEXT, or drop --validation-every")
+        if self.sample_prompts and self.sample_every is None:
+            self.sample_every = DEFAULT_SAMPLE_EVERY  # explicit in config.yaml
+
+    def _check_report_to(self, where: str) -> None:
+        import importlib.util
+
+        installed = any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+        if self.report_to not in ("", "tensorboard", "none"):
+            raise UsageError(f"{where}.report_to (--report-to): {self.report_to!r} is not tensorboard or none")
+        if self.report_to == "tensorboard" and not installed:
+            raise UsageError(f"{where}.report_to (--report-to tensorboard): the tensorboard package is not installed; "
+                             "pip install tensorboard, or --report-to none (log.jsonl has every step either way)")
+        if not self.report_to:
+            self.report_to = "tensorboard" if installed else "none"  # explicit in config.yaml
+
+    def instance_prompts(self, where: str = "config") -> list[str]:
+        """Each concept's instance prompt ('' where the templates caption it); the prompt must name the
+        concept's token, directly or as {token}."""
+        if not self.instance_prompt:
+            return [""] * len(self.concepts)
+        method = get_method(self.method)
+        if not method.uses_text:
+            raise UsageError(f"{where}.instance_prompt (--instance-prompt): method {self.method} trains without text; "
+                             "drop it")
+        prompts = []
+        for c in self.concepts:
+            prompt = self.instance_prompt.replace("{token}", c.token).replace("{cls}", c.class_word)
+            if c.token not in prompt:
+                raise UsageError(f"{where}.instance_prompt (--instance-prompt): {self.instance_prompt!r} does not name "
+                                 f"the token {c.token!r}; write it in the prompt (or {{token}}), e.g. "
+                                 f"'a photo of {c.token} {c.class_word}'")
+            prompts.append(prompt)
+        return prompts
+
+    def resolve_steps(self, n_images: int, processes: int = 1) -> None:
+        """With epochs: steps = epochs passes over the n_images instance images, each optimizer step taking
+        batch_size x gradient_accumulation x processes of them (a last partial batch counts as a step)."""
+        if self.epochs:
+            per_step = self.batch_size * self.gradient_accumulation * processes
+            steps = self.epochs * math.ceil(n_images / per_step)
+            given, where = getattr(self, "_steps_given", (steps, ""))
+            if given != steps:
+                raise UsageError(f"{where}: steps {given} and epochs {self.epochs} disagree ({self.epochs} passes over "
+                                 f"{n_images} images at {per_step} per step are {steps} steps); give one of them")
+            self.steps = steps
 
     def output_preservation(self, prefix: str = "config."):
         """The run's output preservation (None when off), its source read and checked; errors name
@@ -189,6 +264,10 @@ class TrainConfig:
             if old != value:
                 changed.append((key, old, value))
         return changed
+
+
+DEFAULT_SAMPLE_EVERY = 100  # validation grids when prompts are given without an interval
+VALIDATION_STEPS = 25  # DDIM steps of a validation grid
 
 
 def _concept(value, where: str) -> ConceptSpec:
@@ -443,9 +522,11 @@ def run_training(config: TrainConfig):
     out = Path(config.out)
     method_cls = get_method(config.method)
     method_config = method_cls.Config.from_dict(config.method_args)
-    check_run_folder(out, config)
     # checks every file before anything else
-    concepts = [ConceptImages.load(c, captioned=method_cls.uses_text) for c in config.concepts]
+    concepts = [ConceptImages.load(c, captioned=method_cls.uses_text, instance_prompt=p)
+                for c, p in zip(config.concepts, config.instance_prompts())]
+    config.resolve_steps(sum(len(c.paths) for c in concepts), _processes())
+    check_run_folder(out, config)  # after the steps are known: a resumed run's are compared
     candidates = _resume_candidates(out, config)
     torch.manual_seed(config.seed)
     backbone = load_backbone(config.model, allow_pickle=config.allow_pickle)
@@ -466,8 +547,10 @@ def run_training(config: TrainConfig):
         AcceleratorState._reset_state()  # a second run in one process (API, demo, benchmarks) with another precision
     # some trained tensors take no part in some steps (PureCC's stages, a token absent from prior prompts)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    report_to = config.report_to or "tensorboard"  # a config built in Python, not validated: the old default
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
-                              log_with="tensorboard", project_dir=str(out / "logs"), kwargs_handlers=[ddp])
+                              log_with=None if report_to == "none" else report_to, project_dir=str(out / "logs"),
+                              kwargs_handlers=[ddp])
     accelerator.wait_for_everyone()  # every process has checked --out before the first one writes in it
     main = accelerator.is_main_process
 
@@ -519,6 +602,7 @@ def run_training(config: TrainConfig):
         _keep_log_until(out, start)
 
     prior_batch = config.batch_size if config.prior_preservation else 0
+    sample_every = DEFAULT_SAMPLE_EVERY if config.sample_every is None else config.sample_every
     world, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.method}",
                disable=not main)
@@ -562,18 +646,30 @@ def run_training(config: TrainConfig):
         accelerator.log(record, step=step + 1)
         with open(out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step + 1, **record}) + "\n")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+        if config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
             _save_checkpoint(out, step + 1, method, optimizer, scheduler, config.keep_checkpoints, ema)
-        if config.sample_every and (step + 1) % config.sample_every == 0 and config.sample_prompts:
+        if config.sample_prompts and sample_every and (step + 1) % sample_every == 0 and step + 1 < config.steps:
             _sample_during_training(method, config, out / "samples" / f"step_{step + 1:07d}.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if ema is not None:
         ema.copy_to_params()  # the outputs are the averaged weights (and so is the returned method)
+    if main and config.sample_prompts:  # the last grid shows the outputs' weights (EMA included)
+        _sample_during_training(method, config, out / "samples" / f"step_{config.steps:07d}.png")
     if main:
         method.save(out, config.export)
         atomic_write_text(out / "DONE", json.dumps({"steps": config.steps, "method": config.method}))
     return out, method
+
+
+def _processes() -> int:
+    """How many processes train together (`accelerate launch` says so in WORLD_SIZE), before accelerate starts."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _write_config(out: Path, config: TrainConfig) -> None:
@@ -589,5 +685,7 @@ def _sample_during_training(method, config: TrainConfig, path: Path) -> None:
     prompts = [method.tokens.prompt(p) if method.tokens else p for p in config.sample_prompts]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
-    grid_for_prompts(pipe, prompts, n=4, seed=config.seed, labels=config.sample_prompts).save(tmp)
+    pipe.set_progress_bar_config(disable=True)
+    # 25 steps, as diffusers' DreamBooth scripts draw their validation images
+    grid_for_prompts(pipe, prompts, n=4, seed=config.seed, steps=VALIDATION_STEPS, labels=config.sample_prompts).save(tmp)
     os.replace(tmp, path)

@@ -143,10 +143,11 @@ class Backbone(ABC):
 
     @contextmanager
     def original_denoiser(self, originals: dict[str, torch.Tensor] | None = None):
-        """The denoiser as it was loaded, for the forwards inside the block, on the same weights (no
-        second copy of the model): every adapter layer switched off, and `originals` (parameter name ->
-        its loaded value, for a method that trains base weights in place: Custom Diffusion's K/V) put
-        back in place of the trained values. On exit everything is as before.
+        """The model as it was loaded, for the forwards inside the block, on the same weights (no
+        second copy of the model): every adapter layer of the denoiser and the text encoders switched
+        off, and `originals` (parameter name -> its loaded value, for a method that trains base weights
+        in place: Custom Diffusion's K/V) put back in place of the trained values. On exit everything
+        is as before.
 
         Adapters are switched off by their flag alone: peft's `enable_adapters(False)` would also take
         the trained adapter's `requires_grad` away. Parameters are swapped by their `.data`, which no
@@ -154,7 +155,8 @@ class Backbone(ABC):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         denoiser = self._unwrapped(self.denoiser)
-        layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+        # the text encoders' adapters too (a LoRA trained with --train-text-encoder)
+        layers = [m for model in (denoiser, *self.text_encoders) for m in model.modules() if isinstance(m, BaseTunerLayer)]
         was_off = [layer._disable_adapters for layer in layers]
         params = dict(denoiser.named_parameters()) if originals else {}
         trained = {}
@@ -171,40 +173,90 @@ class Backbone(ABC):
             for layer, off in zip(layers, was_off):
                 layer._disable_adapters = off
 
+    # what a LoRA with --train-text-encoder adapts in each CLIP text encoder (diffusers' scripts' choice)
+    TEXT_LORA_TARGETS: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # the prefix kohya sd-scripts names each text encoder's LoRA layers with
+    KOHYA_TEXT_PREFIXES: ClassVar[dict[str, str]] = {"text_encoder": "lora_te_"}
+
+    def lora_text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        """(pipeline name, encoder) of the text encoders a LoRA may train: the CLIP ones. T5 stays frozen,
+        as in diffusers' scripts, whose loaders read no T5 LoRA either."""
+        return [(name, enc) for name, _, enc in self.text_pairs()
+                if type(self._unwrapped(enc)).__name__.startswith("CLIPText")]
+
+    def add_text_lora(self, adapter: str, rank: int, alpha: float, dropout: float = 0.0) -> list[torch.nn.Parameter]:
+        """A LoRA adapter on every CLIP text encoder's attention projections; returns its parameters."""
+        from peft import LoraConfig
+
+        params = []
+        for _, encoder in self.lora_text_encoders():
+            encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                                           target_modules=list(self.TEXT_LORA_TARGETS)), adapter_name=adapter)
+            params += [p for n, p in encoder.named_parameters() if f".{adapter}." in n and "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def text_lora_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
+        """The text encoders' LoRA parameters of `adapter`, named '<encoder>.<parameter>'."""
+        return {f"{name}.{n}": p for name, encoder in self.lora_text_encoders()
+                for n, p in encoder.named_parameters() if f".{adapter}." in n and "lora_" in n}
+
     def save_lora(self, adapter: str, rank: int, alpha: float, targets: list[str], out_dir: Path) -> Path:
         """pytorch_lora_weights.safetensors in the layout this family's `load_lora_weights` reads,
-        rank and alpha in its metadata."""
+        rank and alpha in its metadata; the text encoders' layers too where they carry the adapter."""
         from peft.utils import get_peft_model_state_dict
 
         layers = get_peft_model_state_dict(self._unwrapped(self.denoiser), adapter_name=adapter)
-        return self.write_lora_layers(layers, {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}, out_dir)
+        text_layers = {}
+        for name, encoder in self.lora_text_encoders():
+            if adapter not in (getattr(encoder, "peft_config", None) or {}):
+                continue
+            # not the embedding matrix, which the new tokens resized: their rows are in learned_embeds
+            state = get_peft_model_state_dict(encoder, adapter_name=adapter, save_embedding_layers=False)
+            # CLIP's layers by their transformers-4 path (text_model.encoder...), what kohya, ComfyUI and
+            # every loader reads; transformers 5 dropped the text_model level, diffusers strips it again
+            prefix = "" if hasattr(encoder, "text_model") else "text_model."
+            text_layers[name] = {prefix + k: v for k, v in state.items()}
+        metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
+        text_metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(self.TEXT_LORA_TARGETS)}
+        return self.write_lora_layers(layers, metadata, out_dir, text_layers, text_metadata)
 
-    def write_lora_layers(self, layers: dict[str, torch.Tensor], metadata: dict, out_dir: Path) -> Path:
+    def write_lora_layers(self, layers: dict[str, torch.Tensor], metadata: dict, out_dir: Path,
+                          text_layers: dict[str, dict[str, torch.Tensor]] | None = None,
+                          text_metadata: dict | None = None) -> Path:
         """LoRA weights by peft name ("<module>.lora_A.weight") and their peft LoraConfig settings as
-        pytorch_lora_weights.safetensors, the file this family's `load_lora_weights` reads."""
+        pytorch_lora_weights.safetensors, the file this family's `load_lora_weights` reads; `text_layers`:
+        the same per text encoder (pipeline name -> layers)."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
         if self.LORA_PREFIX == "unet":  # the UNet loaders read diffusers' names; the transformer ones peft's own
             layers = convert_state_dict_to_diffusers(layers)
+        parts = {f"{self.LORA_PREFIX}_lora_layers": {k: v.float() for k, v in layers.items()},
+                 f"{self.LORA_PREFIX}_lora_adapter_metadata": metadata}
+        for name, encoder_layers in (text_layers or {}).items():
+            parts[f"{name}_lora_layers"] = {k: v.float() for k, v in encoder_layers.items()}
+            parts[f"{name}_lora_adapter_metadata"] = text_metadata
         tmp = out_dir / ".lora.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         final = out_dir / "pytorch_lora_weights.safetensors"
         try:
-            self.pipeline_class().save_lora_weights(
-                tmp, safe_serialization=True, **{f"{self.LORA_PREFIX}_lora_layers": {k: v.float() for k, v in layers.items()},
-                                                 f"{self.LORA_PREFIX}_lora_adapter_metadata": metadata})
+            self.pipeline_class().save_lora_weights(tmp, safe_serialization=True, **parts)
             durable_replace(tmp / "pytorch_lora_weights.safetensors", final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
         return final
 
     EXPORTS: ClassVar[tuple[str, ...]] = ()  # extra LoRA formats the family writes (--export)
+    EXPORT_NOTE: ClassVar[str] = ""  # why a format is missing, said with the refusal
 
     def check_export(self, formats: list[str]) -> None:
         """Before training: a format this family cannot write is a one-line error, not a late failure."""
         for fmt in formats:
             if fmt not in self.EXPORTS:
-                raise UsageError(f"--export {fmt}: the {self.family} family has no {fmt} layout here; drop --export {fmt}")
+                note = f" ({self.EXPORT_NOTE})" if self.EXPORT_NOTE else ""
+                raise UsageError(f"--export {fmt}: the {self.family} family has no {fmt} layout here{note}; "
+                                 f"drop --export {fmt}")
 
     def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
         """The kohya / ComfyUI layout of a saved LoRA (families listing "kohya" in EXPORTS)."""
@@ -251,15 +303,30 @@ class Backbone(ABC):
     # ---- sampling (the engine in sampling.py) ----
     # whether sampling.py's loop drives this family (flow families sample through their pipeline for now)
     GUIDED_SAMPLING: ClassVar[bool] = True
+    NEGATIVE_PROMPT: ClassVar[bool] = True  # whether its pipeline's CFG takes a negative prompt (FLUX.1's not)
 
     def unconditional(self, n: int) -> dict[str, torch.Tensor]:
         """The condition for ∅, as the family's pipeline builds it for classifier-free guidance."""
         return self.encode_prompts([""] * n)
 
-    def latent_shape(self, n: int) -> tuple[int, ...]:
+    def latent_shape(self, n: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = self.image_size // scale
-        return (n, self._unwrapped(self.denoiser).config.in_channels, side, side)
+        h, w = (height or self.image_size) // scale, (width or self.image_size) // scale
+        return (n, self._unwrapped(self.denoiser).config.in_channels, h, w)
+
+    # what a picture's side must be a multiple of, over the VAE's downscaling (flow families: 2x2 patches too)
+    SIZE_PATCH: ClassVar[int] = 1
+
+    @classmethod
+    def size_multiple(cls, folder: Path) -> int:
+        """The step in pixels of the picture sizes a model folder draws, read from its VAE's config."""
+        import json
+
+        try:
+            blocks = json.loads((Path(folder) / "vae" / "config.json").read_text())["block_out_channels"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"{folder}/vae/config.json: unreadable; the model folder is damaged")
+        return 2 ** (len(blocks) - 1) * cls.SIZE_PATCH
 
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> pictures in [0, 1], (n, h, w, 3) float on the CPU, as the pipeline's postprocess gives."""

@@ -28,6 +28,7 @@ class FlowMatchingBackbone(Backbone):
     TIMESTEP_SAMPLING: ClassVar[str] = "logit_normal"  # or "uniform"
     MAX_SEQUENCE_LENGTH: ClassVar[int] = 256  # T5 tokens, as the pipeline's own default
     GUIDED_SAMPLING = False  # their timesteps and packing are not in sampling.py's loop yet
+    SIZE_PATCH = 2  # the transformer reads 2x2 latent patches
 
     @property
     def vae_scale(self) -> int:

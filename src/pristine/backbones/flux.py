@@ -17,6 +17,8 @@ class FluxBackbone(FlowMatchingBackbone):
     TIMESTEP_SAMPLING = "uniform"  # then shifted as the scheduler shifts (dev: by resolution; schnell: none)
     MAX_SEQUENCE_LENGTH = 512
     EXPORTS = ("kohya",)
+    KOHYA_TEXT_PREFIXES = {"text_encoder": "lora_te1_"}  # the CLIP one; T5 never gets a LoRA
+    NEGATIVE_PROMPT = False  # guidance-distilled: the guidance value is an input, no negative branch
     # the guidance value a dev-style model is trained under (diffusers' FLUX DreamBooth script's default)
     TRAIN_GUIDANCE: ClassVar[float] = 3.5
 
@@ -34,7 +36,8 @@ class FluxBackbone(FlowMatchingBackbone):
         from ..export import write_kohya_flux
 
         modules = dict(self._unwrapped(self.denoiser).named_modules())
-        return write_kohya_flux(diffusers_lora, out, alpha, lambda name: modules[name].out_features)
+        return write_kohya_flux(diffusers_lora, out, alpha, lambda name: modules[name].out_features,
+                                self.KOHYA_TEXT_PREFIXES)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self.text_pipeline().encode_prompt(prompts, prompts, device=self.denoiser.device,

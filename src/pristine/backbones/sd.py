@@ -210,10 +210,16 @@ class StableDiffusionBackbone(Backbone):
         return {"encoder_hidden_states": states}
 
     # ---- outputs and inference ----
-    def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
-        from ..export import write_kohya
+    # kohya trains SD1.x/2.x on a copy of diffusers' UNet, so its keys keep diffusers' block names;
+    # SDXL's override says SGM (input_blocks_...), the UNet kohya trains SDXL on
+    KOHYA_SGM_NAMES = False
 
-        return write_kohya(diffusers_lora, out, alpha, self.unet.config.layers_per_block)
+    def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
+        from ..export import ldm_block, write_kohya
+
+        layers = self._unwrapped(self.unet).config.layers_per_block
+        path = (lambda module: ldm_block(module, layers)) if self.KOHYA_SGM_NAMES else (lambda module: module)
+        return write_kohya(diffusers_lora, out, alpha, path, self.KOHYA_TEXT_PREFIXES)
 
     def sampling_scheduler(self):
         return type(self.noise_scheduler).from_config(self.noise_scheduler.config)

@@ -13,6 +13,8 @@ class StableDiffusion3Backbone(FlowMatchingBackbone):
     TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
     TIMESTEP_SAMPLING = "logit_normal"
     MAX_SEQUENCE_LENGTH = 256
+    # a kohya SD3 file could not be checked against any loader: diffusers' SD3 loader converts none
+    EXPORT_NOTE = "diffusers' SD3 loader reads no kohya file; share pytorch_lora_weights.safetensors"
 
     @classmethod
     def pipeline_class(cls):

@@ -13,6 +13,8 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     PIPELINE_KWARGS = {}
     ENCODES_WITH_PIPELINE = True
+    KOHYA_SGM_NAMES = True
+    KOHYA_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
     @classmethod
     def pipeline_class(cls):

@@ -334,6 +334,10 @@ class Method:
         """The denoiser weights this method trains, by name (checkpoints save exactly these)."""
         return {}
 
+    def trainable_text_params(self) -> dict[str, torch.nn.Parameter]:
+        """Text-encoder weights this method trains (a text-encoder LoRA), by '<encoder>.<parameter>'."""
+        return {}
+
     def adjust_learning_rates(self, param_groups: list[dict], step: int) -> None:
         """Called before each optimizer step, after the scheduler set the rates: a method whose stages train
         one tensor at different rates (CLIF's token rows) changes its groups' `lr` here; most do nothing."""
@@ -363,7 +367,9 @@ class Method:
         x, tt = x_t[index], t[index]
         cond = self.encode_fixed(prompts)
         with torch.no_grad(), self.backbone.original_denoiser(self._original_weights):
-            original = self.backbone.predict(x, tt, cond)
+            # a text-encoder LoRA changes the prompts' encoding as well: the original's is encoded afresh
+            original_cond = self.encode_fixed(prompts) if self.trainable_text_params() else cond
+            original = self.backbone.predict(x, tt, original_cond)
         return {"x": x, "t": tt, "cond": cond, "original": original}
 
     def predict_preserving(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
@@ -415,6 +421,7 @@ class Method:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"denoiser.{k}": p.detach().clone() for k, p in self.trainable_denoiser_params().items()}
+        state.update({f"text.{k}": p.detach().clone() for k, p in self.trainable_text_params().items()})
         if self.tokens is not None:
             state.update(self.tokens.state())
         if self.contexts is not None:
@@ -423,10 +430,13 @@ class Method:
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         params = self.trainable_denoiser_params()
+        text_params = self.trainable_text_params()
         with torch.no_grad():
             for k, v in state.items():
                 if k.startswith("denoiser."):
                     params[k[len("denoiser."):]].copy_(v)
+                elif k.startswith("text."):
+                    text_params[k[len("text."):]].copy_(v)
         if self.tokens is not None:
             self.tokens.load_state(state)
         if self.contexts is not None:

@@ -45,10 +45,20 @@ class CustomDiffusion(Method):
         return self.backbone.text_kv_params()  # trained in place: preservation keeps their loaded values
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
+        from diffusers import UNet2DConditionModel
+
+        from ..export import CUSTOM_DIFFUSION_PROCS, custom_diffusion_attn_procs
+
         path = out_dir / WEIGHTS
-        atomic_save({k: v.float() for k, v in self.backbone.text_kv_params().items()}, path,
-                    metadata={"format": "pristine.custom_diffusion", "keys": "denoiser parameter names"})
-        return [path, self.tokens.save(out_dir)]
+        trained = {k: v.float() for k, v in self.backbone.text_kv_params().items()}
+        atomic_save(trained, path, metadata={"format": "pristine.custom_diffusion", "keys": "denoiser parameter names"})
+        paths = [path, self.tokens.save(out_dir)]
+        unet = self.backbone._unwrapped(self.backbone.denoiser)
+        if isinstance(unet, UNet2DConditionModel):  # diffusers' processors exist for UNet attention only
+            procs = out_dir / CUSTOM_DIFFUSION_PROCS
+            atomic_save(custom_diffusion_attn_procs(unet, trained), procs, metadata={"format": "pt"})
+            paths.append(procs)
+        return paths
 
     @classmethod
     def load_denoiser(cls, run: Path, settings: dict, models):

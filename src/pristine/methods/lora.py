@@ -22,6 +22,9 @@ class LoraConfig(MethodConfig):
     dropout: float = 0.0
     train_token: bool = True  # learn the token's embedding too (its row starts as the class word's)
     token_lr: float = 5e-3
+    # a LoRA of the same rank and alpha on the CLIP text encoders' attention too, at the run's learning
+    # rate; saved in the same files (pytorch_lora_weights / kohya), which load_lora_weights reads whole
+    train_text_encoder: bool = False
 
     positive: ClassVar[tuple[str, ...]] = ("rank", "alpha", "token_lr")
 
@@ -85,12 +88,18 @@ class LoRA(Method):
     def setup(self) -> list[dict]:
         self.tokens = TokenEmbeddings(self.backbone, self.concepts)
         groups = [{"params": add_lora(self.backbone, self.config, ADAPTER)}]
+        if self.config.train_text_encoder:
+            groups.append({"params": self.backbone.add_text_lora(ADAPTER, self.config.rank, self.config.alpha,
+                                                                 self.config.dropout)})
         if self.config.train_token:
             groups.append(self.token_group(self.config.token_lr))
         return groups
 
     def trainable_denoiser_params(self):
         return lora_params(self.backbone.denoiser, ADAPTER)
+
+    def trainable_text_params(self):
+        return self.backbone.text_lora_params(ADAPTER) if self.config.train_text_encoder else {}
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
         paths = [save_lora(self.backbone, ADAPTER, self.config, out_dir), self.tokens.save(out_dir)]
