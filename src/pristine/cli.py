@@ -177,8 +177,7 @@ def cmd_mini_pretrain(args) -> None:
     elif args.stage == "clip-image":
         print(json.dumps(P.pretrain_clip_image(workdir, out, corpus, settings, device=args.device), indent=2))
     elif args.stage == "clip-negatives":
-        fresh = (workdir / "clip_image" / "tower").exists()  # start from the clip-image tower when it was trained
-        print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, attribute_weight=1.0, fresh=fresh,
+        print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, attribute_weight=1.0,
                                                    device=args.device), indent=2))
     else:
         P.pretrain_denoiser(workdir, out, corpus, settings, args.stage.replace("-", "_"), device=args.device)

@@ -265,8 +265,8 @@ def pretrain_clip_image(workdir: Path, out: Path, corpus: Path, settings: StageS
     Under the contrastive loss, with or without hard negatives, the image tower never learned shape
     (zero-shot shape stayed near chance) while a plain supervised read-out of the same ViT does learn
     it: so the image tower first learns every attribute of single-object pictures (and the background
-    of all) through linear heads on its projected embedding; `clip-negatives --fresh` then starts
-    from this tower and a new text tower. Writes workdir/clip_image/tower (a CLIPModel folder).
+    of all) through linear heads on its projected embedding; `clip-negatives` then starts from this
+    tower and a new text tower. Writes workdir/clip_image/tower (a CLIPModel folder).
     """
     from . import clip_reading as R
     from ..world.scene import Scene
@@ -306,8 +306,9 @@ def pretrain_clip_image(workdir: Path, out: Path, corpus: Path, settings: StageS
 
 def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: StageSettings, negatives: int = 3,
                             zero_shot_weight: float = 1.0, embedding_lr_scale: float = 1.0, attribute_weight: float = 0.0,
-                            fresh: bool = False, device: str = "cpu") -> dict:
-    """Fine-tune the mini CLIP (out/clip) until it reads every attribute a caption states.
+                            device: str = "cpu") -> dict:
+    """Train the mini CLIP until it reads every attribute a caption states: from the clip-image
+    stage's tower (and a new text tower) when that stage has run, else fine-tuning out/clip.
 
     Contrastive learning over a batch never needed shape: color, background and place already tell
     the batch's captions apart. So each picture is also contrasted with `negatives` captions of the
@@ -327,15 +328,8 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     if not init.exists():
         import shutil
 
-        if fresh:  # new weights (fine-tuning never brought shape back), from the clip-image tower if trained
-            tower = workdir / "clip_image" / "tower"
-            if tower.exists():
-                shutil.copytree(tower, init)
-            else:
-                torch.manual_seed(settings.seed)
-                arch.new_clip().save_pretrained(init, safe_serialization=True)
-        else:
-            shutil.copytree(out / "clip", init)
+        tower = workdir / "clip_image" / "tower"  # fine-tuning out/clip never brought shape back
+        shutil.copytree(tower if tower.exists() else out / "clip", init)
     tokenizer = load_tokenizer(out / "tokenizer")
     ids = R.TextEncoderCache(tokenizer)
     prompts = R.zero_shot_prompts()
