@@ -438,6 +438,15 @@ def cmd_bench_domain(args) -> None:
     print(f"written to {path}")
 
 
+def cmd_bench_guidance(args) -> None:
+    from .eval.guidancecost import run, table
+
+    results = run(Path(args.out), n=args.batch, steps=args.steps, repeats=args.repeats)
+    print(f"medians over {args.repeats} rounds of {args.steps} timesteps, batch {args.batch}")
+    print(table(results))
+    print(f"written to {Path(args.out) / 'guidance_cost.json'}")
+
+
 def cmd_bench_context(args) -> None:
     from .eval.minibench import concept_set
     from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, run_context_bench
@@ -852,6 +861,14 @@ def build_parser() -> argparse.ArgumentParser:
     bmm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bmm.add_argument("--train-steps", type=_positive("--train-steps"), help="steps of each stage, whatever the group")
     bmm.set_defaults(func=cmd_bench_multi)
+    bg = bench.add_parser("guidance", help="what a sampling step of the guidance engine costs against its forwards, "
+                          "with 1 to 3 terms, and what batching terms that share weights saves")
+    bg.add_argument("--steps", type=_positive("--steps"), default=30, help="timesteps measured per round (after 5 warm-up)")
+    bg.add_argument("--batch", type=_positive("--batch"), default=4, help="pictures per step")
+    bg.add_argument("--repeats", type=_positive("--repeats"), default=3, help="rounds of every configuration in alternation")
+    bg.add_argument("--out", required=True, help="folder for the adapters it trains (two steps each) and guidance_cost.json")
+    bg.set_defaults(func=cmd_bench_guidance)
+
     bs = bench.add_parser("steps", help="seconds per training step and peak memory per method (PureCC: stage 2)")
     bs.add_argument("--methods", default="lora,purecc,purecc_adaptive",
                     help="budgets, the first is the reference; BUDGET@KEY=VALUE changes a setting, e.g. purecc@learner_checkpointing=false")
