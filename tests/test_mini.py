@@ -188,7 +188,7 @@ def _stage_state(work: Path, stage: str) -> dict:
     return load_file(str(work / stage.replace("-", "_") / "state.safetensors"))
 
 
-@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "unet-joint", "clip-image", "clip-negatives"])  # oracle: below, stopped mid-run
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "unet-joint", "clip-image", "clip-negatives", "vae-world"])  # oracle: below, stopped mid-run
 def test_every_pretraining_stage_resumes_to_the_same_weights(tmp_path, stage):
     """Two steps, stop, one more: the same weights and optimizer moments as three straight steps
     (within the warm-up the schedule does not depend on the total)."""

@@ -132,6 +132,7 @@ STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped
     "unet-joint": (1800, 128, 2e-4),
     "clip-image": (2500, 64, 5e-4),
     "clip-negatives": (1000, 64, 5e-4),
+    "vae-world": (1500, 33, 2e-4),
 }
 
 
@@ -139,6 +140,7 @@ STAGE_NEEDS = {  # what a stage reads from the model folder
     "unet": ("vae", "text_encoder", "tokenizer"),
     "unet-joint": ("vae", "text_encoder", "tokenizer", "unet"),
     "clip-negatives": ("clip", "tokenizer"),
+    "vae-world": ("vae",),
 }
 
 
@@ -155,21 +157,28 @@ def cmd_mini_pretrain(args) -> None:
         torch.set_num_threads(args.threads)
     workdir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    corpus_size = args.corpus_size or 60000
     if args.stage == "oracle":
-        print(json.dumps(P.pretrain_oracle(workdir, out, settings, n_train=args.corpus_size,
+        print(json.dumps(P.pretrain_oracle(workdir, out, settings, n_train=corpus_size,
                                             device=getattr(args, "device", "cpu")), indent=2))
         return
     for part in STAGE_NEEDS.get(args.stage, ()):
         if not (out / part).exists():
-            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-image, clip-negatives")
+            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-image, clip-negatives, vae-world")
     if args.export_now:
         if args.stage not in ("unet", "unet-joint"):
             raise UsageError("--export-now applies to --stage unet and unet-joint (the other stages export when they finish)")
         P.export_denoiser(workdir, out, args.stage.replace("-", "_"))
         print(f"exported the latest {args.stage} checkpoint's EMA weights to {out}")
         return
+    if args.stage == "vae-world":
+        # --corpus-size: the whole-world renders it trains on (default 18,000, a third per part)
+        print(json.dumps(P.pretrain_vae_world(workdir, out, settings, n_per_part=max(1, (args.corpus_size or 18000) // 3),
+                                              device=args.device), indent=2))
+        print(f"stage vae-world done: {out}")
+        return
     tokenizer_dir = _tokenizer_source(args, out) if args.stage == "clip" else None
-    corpus = P.build_corpus(workdir, args.corpus_size)
+    corpus = P.build_corpus(workdir, corpus_size)
     if args.stage == "vae":
         P.pretrain_vae(workdir, out, corpus, settings, device=args.device)
     elif args.stage == "clip":
@@ -619,14 +628,15 @@ def build_parser() -> argparse.ArgumentParser:
     mini = sub.add_parser("mini", help="pristine-mini, the embedded model").add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
     pre = mini.add_parser("pretrain", help="pre-train one stage of pristine-mini (resumes when run again)")
     pre.add_argument("--stage", required=True, choices=tuple(STAGE_DEFAULTS),
-                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), oracle")
+                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), vae-world (the VAE continued on the whole world's pixels, markings and the retro style, its pre-training latents anchored), oracle")
     pre.add_argument("--device", default="cpu", help="cpu (default) or cuda: where a GPU is available, use it for the long stages")
     pre.add_argument("--export-now", action="store_true", help="write the model folder from the stage's latest checkpoint and stop")
     pre.add_argument("--workdir", default="runs/mini", help="checkpoints, logs and the rendered corpus")
     pre.add_argument("--out", default="runs/mini/model", help="the model folder the stages fill")
     pre.add_argument("--steps", type=_positive("--steps"), default=None, help="training steps (default: the shipped recipe's)")
     pre.add_argument("--batch-size", type=_positive("--batch-size"), default=None, help="batch size (default: the shipped recipe's)")
-    pre.add_argument("--corpus-size", type=_positive("--corpus-size"), default=60000)
+    pre.add_argument("--corpus-size", type=_positive("--corpus-size"), default=None,
+                     help="pre-training scenes rendered for the stage (default 60,000; vae-world: whole-world renders, default 18,000)")
     pre.add_argument("--threads", type=_positive("--threads"), default=None)
     pre.add_argument("--bpe", default=None, help="open_clip's bpe_simple_vocab_16e6.txt.gz, to build the tokenizer")
     pre.set_defaults(func=cmd_mini_pretrain)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .pretrain import read_log
 
-STAGES = ("vae", "clip", "oracle", "unet", "unet_joint", "clip_image", "clip_negatives")
+STAGES = ("vae", "clip", "oracle", "unet", "unet_joint", "clip_image", "clip_negatives", "vae_world")
 
 
 def plot_losses(workdir: Path, out_png: Path) -> Path:

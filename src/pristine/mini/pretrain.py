@@ -663,6 +663,109 @@ def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * gain + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
 
+def whole_world_pixels(workdir: Path, n_per_part: int, seed: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Renders of the pre-training world, the whole world and marked objects only (n_per_part each,
+    interleaved, every third one a pre-training scene) with their object weights, cached in workdir."""
+    from ..checkpoint import atomic_save
+
+    cache = workdir / f"vae_world_pixels_n{n_per_part}_seed{seed}.safetensors"
+    if cache.exists():
+        from safetensors.torch import load_file
+
+        data = load_file(str(cache))
+        return data["images"], data["weights"]
+    images, masks = [], []
+    parts = [(_world_part(name), np.random.default_rng(seed + i)) for i, name in enumerate(VAE_WORLD_MIX)]
+    for _ in tqdm(range(n_per_part), desc="render whole-world pixels"):
+        for sampler, rng in parts:
+            image, object_masks = render(sampler.sample(rng))
+            images.append(image)
+            masks.append(np.any(object_masks, axis=0) if len(object_masks) else np.zeros(image.shape[:2], bool))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    m = torch.from_numpy(np.stack(masks))[:, None].float()
+    weights = 1 + 4 * F.max_pool2d(m, 3, stride=1, padding=1)
+    # contiguous in memory as when loaded from the cache: a convolution's kernels round differently on
+    # a permuted layout, and a resumed run must match an uninterrupted one
+    x, weights = x.contiguous(), weights.contiguous()
+    atomic_save({"images": x, "weights": weights}, cache)
+    return x, weights
+
+
+VAE_WORLD_MIX = ("pretraining", "full", "marked")  # the pre-training part first: its latents are the anchor
+VAE_WORLD_TRAIN_ENCODER = False  # decoder only: measured as good as the anchored encoder, and the latents cannot move
+
+
+def pretrain_vae_world(workdir: Path, out: Path, settings: StageSettings, n_per_part: int = 6000,
+                       train_encoder: bool = VAE_WORLD_TRAIN_ENCODER, anchor_weight: float = 10.0,
+                       device: str = "cpu") -> dict:
+    """Continue the VAE on the whole world's pixels: concept markings, held-out patterns, the retro style.
+
+    The first VAE saw the pre-training world only and draws a concept's dot, band or rim as a plain
+    body (measured: the oracle finds the concept in its round trip of the development references far
+    less often than in the renders), so no method could learn what the decoder cannot draw. The UNet
+    was trained on the first VAE's latents, so those must not move: with `train_encoder` the
+    encoder's mean latents of pre-training scenes are pulled to the first VAE's (anchor_weight, in
+    units of their variance), otherwise only the decoder trains. The scaling factor is kept."""
+    import copy
+
+    from diffusers import AutoencoderKL
+
+    start = workdir / "vae_world" / "start_vae"
+    if not (start / "config.json").exists():  # the VAE this stage starts from (and anchors to), kept for resumes
+        AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).save_pretrained(start, safe_serialization=True)
+    vae = AutoencoderKL.from_pretrained(start, torch_dtype=torch.float32).to(device)
+    first = copy.deepcopy(vae).eval().requires_grad_(False)
+    if not train_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    images, weights = whole_world_pixels(workdir, n_per_part)
+    n_parts, per = len(VAE_WORLD_MIX), max(1, settings.batch_size // len(VAE_WORLD_MIX))
+
+    def edges(img):
+        return img[..., 1:, :] - img[..., :-1, :], img[..., :, 1:] - img[..., :, :-1]
+
+    def loss_fn(step, g):
+        # `per` scenes of each part: rows k*n_parts + j hold part j
+        idx = torch.cat([_batch(n_per_part, per, g) * n_parts + j for j in range(n_parts)])
+        x, w = images[idx].to(device), weights[idx].to(device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+        recon = vae.decode(z).sample
+        err = recon - x
+        l1, mse = (err.abs() * w).mean(), (err.pow(2) * w).mean()
+        edge = sum(((a - b).abs()).mean() for a, b in zip(edges(recon), edges(x)))
+        loss, logs = l1 + mse + edge, {"l1": round(l1.item(), 5)}
+        if train_encoder:
+            with torch.no_grad():
+                anchor_to = first.encode(x[:per]).latent_dist.mean
+            anchor = (posterior.mean[:per] - anchor_to).pow(2).mean() / anchor_to.var()
+            kl = posterior.kl().mean() / x[0].numel()
+            loss = loss + anchor_weight * anchor + 1e-4 * kl
+            logs["anchor"] = round(anchor.item(), 6)
+        return loss, logs
+
+    result = run_stage("vae_world", workdir, vae, params, settings, loss_fn)
+    vae.eval().cpu()
+    with torch.no_grad():
+        probe = images[: 3 * 300 : 3]  # pre-training scenes
+        a, b = first.cpu().encode(probe).latent_dist.mean, vae.encode(probe).latent_dist.mean
+        result["pretraining_latent_shift"] = float((a - b).pow(2).mean() / a.var())
+    import shutil
+
+    # written beside, then swapped: a stop in between leaves the old folder or the new one (and the
+    # start is kept in the workdir)
+    tmp, old = out / "vae.tmp", out / "vae.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    if (out / "vae").exists():
+        shutil.rmtree(old, ignore_errors=True)
+        (out / "vae").rename(old)
+    tmp.rename(out / "vae")
+    shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
 def pretrain_oracle(workdir: Path, out: Path, settings: StageSettings, n_train: int = 60000, device: str = "cpu",
                     workers: int = 1, full_res_convs: int = 2) -> dict:
     """Train the oracle; returns its self-test (score.selftest: the pre-training and the whole world)."""
