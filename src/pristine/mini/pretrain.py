@@ -758,6 +758,9 @@ def pretrain_vae_world(workdir: Path, out: Path, settings: StageSettings, n_per_
     tmp, old = out / "vae.tmp", out / "vae.old"
     shutil.rmtree(tmp, ignore_errors=True)
     vae.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("_name_or_path", None)  # the workdir's path, meaningless where the model ships
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (out / "vae").exists():
         shutil.rmtree(old, ignore_errors=True)
         (out / "vae").rename(old)
