@@ -28,7 +28,7 @@ import numpy as np
 DOMAIN = "retro"
 TRIGGER = "<v1>"
 TRIGGER_CAPTION = f"{TRIGGER} style"
-# Budgets, fixed before any measurement (provisional until pristine-mini v2 is measured): the trigger
+# Budgets, fixed before any measurement and kept since (BENCHMARKS.md has the figures): the trigger
 # baselines as MiniBench's concept budgets, the concept model a full fine-tune with EMA.
 BUDGETS = {
     "lora_trigger": dict(method="lora", steps=300, batch_size=4, lr=1e-3, method_args={"rank": 4, "alpha": 4}),
