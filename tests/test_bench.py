@@ -139,3 +139,23 @@ def test_bench_mini_runs_budgets_with_changed_settings_as_their_own_rows(tmp_pat
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_cached_pictures_are_keyed_by_the_model_weights(tmp_path, monkeypatch):
+    """A re-trained part of pristine-mini (here one byte of the VAE) must not reuse pictures drawn by the old one."""
+    import shutil
+    from pathlib import Path
+
+    from pristine import mini
+    from pristine.eval import minibench
+
+    for part in ("unet", "vae", "text_encoder"):
+        shutil.copytree(Path(mini.path()) / part, tmp_path / part)
+    monkeypatch.setattr(mini, "path", lambda: str(tmp_path))
+    settings = minibench.BenchSettings(methods=["lora"], concepts=["ember_star"])
+    before = minibench._fingerprint(settings)
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert minibench._fingerprint(settings) != before

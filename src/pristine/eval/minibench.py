@@ -309,10 +309,24 @@ def summarize(records: list[dict]) -> dict:
 # ---- the run -----------------------------------------------------------------------------------
 
 
+def model_id() -> str:
+    """The content of pristine-mini's generating weights (denoiser, VAE, text encoder): cached pictures
+    of another model (a re-trained part) must not be reused."""
+    import hashlib
+
+    from .. import mini
+
+    digest = hashlib.sha1()
+    for part in ("unet", "vae", "text_encoder"):
+        for f in sorted((Path(mini.path()) / part).glob("*.safetensors")):
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _fingerprint(settings: BenchSettings) -> str:
     """What a cached sample set depends on besides the method and the concept."""
     return json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps, "guidance": settings.guidance,
-                       "train_steps": settings.train_steps}, sort_keys=True)
+                       "train_steps": settings.train_steps, "model": model_id()}, sort_keys=True)
 
 
 def _load_cached(path: Path, fingerprint: str) -> dict | None:

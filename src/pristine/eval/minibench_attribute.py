@@ -163,9 +163,11 @@ def summarize_attribute(records: list[dict]) -> dict:
 
 
 def _fingerprint(settings: AttributeBenchSettings) -> str:
+    from .minibench import model_id
+
     return json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps, "guidance": settings.guidance,
-                       "train_steps": settings.train_steps, "images": settings.images, "contexts": settings.contexts},
-                      sort_keys=True)
+                       "train_steps": settings.train_steps, "images": settings.images, "contexts": settings.contexts,
+                       "model": model_id()}, sort_keys=True)
 
 
 def run_attribute_bench(out: Path, settings: AttributeBenchSettings) -> Path:
