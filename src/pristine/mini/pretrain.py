@@ -172,6 +172,22 @@ def _batch(n_items: int, batch_size: int, generator: torch.Generator) -> torch.T
 # ---- stages ---------------------------------------------------------------------------------------
 
 
+def _vae_reconstruction(vae, x: torch.Tensor, w: torch.Tensor, g: torch.Generator) -> tuple:
+    """(posterior, weighted L1, weighted MSE, image-gradient L1) of one sampled round trip: the VAE
+    stages' reconstruction terms (matching image gradients keeps edges sharp)."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(x.device)
+    recon = vae.decode(z).sample
+    err = recon - x
+    l1, mse = (err.abs() * w).mean(), (err.pow(2) * w).mean()
+    edge = sum(((a - b).abs()).mean() for a, b in zip(_image_gradients(recon), _image_gradients(x)))
+    return posterior, l1, mse, edge
+
+
+def _image_gradients(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return img[..., 1:, :] - img[..., :-1, :], img[..., :, 1:] - img[..., :, :-1]
+
+
 def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings, device: str = "cpu") -> None:
     images, _ = load_corpus(corpus)
     # objects cover a few percent of the pixels: weigh them (and a pixel around them) 5x, or the
@@ -184,19 +200,10 @@ def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings
         vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
     vae.to(device)
 
-    def edges(img):
-        return img[..., 1:, :] - img[..., :-1, :], img[..., :, 1:] - img[..., :, :-1]
-
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g)
         x, w = images[idx].to(device), weights[idx].to(device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
-        recon = vae.decode(z).sample
-        err = recon - x
-        l1, mse = (err.abs() * w).mean(), (err.pow(2) * w).mean()
-        # matching image gradients keeps edges sharp
-        edge = sum(((a - b).abs()).mean() for a, b in zip(edges(recon), edges(x)))
+        posterior, l1, mse, edge = _vae_reconstruction(vae, x, w, g)
         kl = posterior.kl().mean() / x[0].numel()
         return l1 + mse + edge + 1e-4 * kl, {"l1": round(l1.item(), 5), "kl": round(kl.item(), 4)}
 
@@ -722,19 +729,11 @@ def pretrain_vae_world(workdir: Path, out: Path, settings: StageSettings, n_per_
     images, weights = whole_world_pixels(workdir, n_per_part)
     n_parts, per = len(VAE_WORLD_MIX), max(1, settings.batch_size // len(VAE_WORLD_MIX))
 
-    def edges(img):
-        return img[..., 1:, :] - img[..., :-1, :], img[..., :, 1:] - img[..., :, :-1]
-
     def loss_fn(step, g):
         # `per` scenes of each part: rows k*n_parts + j hold part j
         idx = torch.cat([_batch(n_per_part, per, g) * n_parts + j for j in range(n_parts)])
         x, w = images[idx].to(device), weights[idx].to(device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
-        recon = vae.decode(z).sample
-        err = recon - x
-        l1, mse = (err.abs() * w).mean(), (err.pow(2) * w).mean()
-        edge = sum(((a - b).abs()).mean() for a, b in zip(edges(recon), edges(x)))
+        posterior, l1, mse, edge = _vae_reconstruction(vae, x, w, g)
         loss, logs = l1 + mse + edge, {"l1": round(l1.item(), 5)}
         if train_encoder:
             with torch.no_grad():
