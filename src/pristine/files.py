@@ -35,6 +35,26 @@ def durable_replace(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
+def replace_folder(final: Path, write) -> Path:
+    """`write(folder)` fills a temporary folder beside `final`, which then takes final's place: an error
+    or a stop while writing leaves the old folder (or none) and no half-written one. The temporaries'
+    names end in `.tmp`, so `remove_temporaries` clears what a kill left."""
+    final = Path(final)
+    tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -468,14 +468,18 @@ class GuidedSampler:
             out = denoiser.predict(torch.cat([x] * len(conds)), t, cond)
         return list(out.split(n))
 
-    def predictions(self, x: torch.Tensor, t, terms: list[Term]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(f_0(∅), [f_i(c_i)]): every term with the same denoiser key in one forward, ∅ first (CFG's order)."""
-        n = len(x)
+    def groups(self, n: int, terms: list[Term]) -> list[list[tuple]]:
+        """The forwards of a step: per denoiser key its members (term index, -1 for ∅; denoiser; encoded
+        prompts), ∅ first (CFG's order)."""
         groups: dict[tuple, list] = {self.unconditional.key: [(-1, self.unconditional, self._uncond(n))]}
         for i, term in enumerate(terms):
             groups.setdefault(term.denoiser.key, []).append((i, term.denoiser, term.denoiser.encode(term.prompts)))
+        return list(groups.values())
+
+    def predictions(self, x: torch.Tensor, t, terms: list[Term]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(f_0(∅), [f_i(c_i)]): every term with the same denoiser key in one forward, ∅ first (CFG's order)."""
         found: dict[int, torch.Tensor] = {}
-        for members in groups.values():
+        for members in self.groups(len(x), terms):
             outs = self.forward_group(members[0][1], x, t, [c for _, _, c in members])
             found.update({i: o for (i, _, _), o in zip(members, outs)})
         return found[-1], [found[i] for i in range(len(terms))]

@@ -66,23 +66,17 @@ def measure(terms_spec, models, n: int, steps: int, warmup: int, seed: int = 0) 
     generators = [torch.Generator().manual_seed(seed + k) for k in range(n)]
     scheduler, latents, extra = engine.start(generators, steps + warmup)
 
-    # the groups the engine forms, with their inputs built once
-    groups: dict[tuple, list] = {engine.unconditional.key: [engine.unconditional]}
-    conds = {engine.unconditional.key: [engine._uncond(n)]}
-    for term in terms:
-        groups.setdefault(term.denoiser.key, []).append(term.denoiser)
-        conds.setdefault(term.denoiser.key, []).append(term.denoiser.encode(term.prompts))
+    groups = engine.groups(n, terms)  # the engine's own forwards, their inputs built once
 
     def forwards(x, t, batched: bool = True) -> None:
-        for key, members in groups.items():
-            denoiser = members[0]
+        for members in groups:
+            denoiser, conds = members[0][1], [c for _, _, c in members]
             with denoiser.active():  # switching is the step's overhead; only the forward is timed
                 if batched:
-                    cond = {k: torch.cat([c[k] for c in conds[key]]) for k in conds[key][0]}
-                    xs = torch.cat([x] * len(conds[key]))
-                    inner = [(xs, cond)]
+                    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+                    inner = [(torch.cat([x] * len(conds)), cond)]
                 else:
-                    inner = [(x, c) for c in conds[key]]
+                    inner = [(x, c) for c in conds]
                 for xs, cond in inner:
                     t0 = time.perf_counter()
                     denoiser.predict(xs, t, cond)

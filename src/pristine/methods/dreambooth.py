@@ -39,18 +39,11 @@ class DreamBooth(Method):
         return dict(self.backbone.denoiser.named_parameters())
 
     def save(self, out_dir: Path, export: list[str]) -> list[Path]:
-        import shutil
+        from ..files import replace_folder
 
-        tmp, final = out_dir / ".model.tmp", out_dir / "model"
-        shutil.rmtree(tmp, ignore_errors=True)
         self.tokens.write_back()  # the saved text encoder carries the learned token
-        try:
-            self.backbone.pipeline().save_pretrained(tmp, safe_serialization=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
-            raise
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        pipe = self.backbone.pipeline()
+        final = replace_folder(out_dir / "model", lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
         return [final, self.tokens.save(out_dir)]
 
     @classmethod

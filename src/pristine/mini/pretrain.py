@@ -301,13 +301,10 @@ def pretrain_clip_image(workdir: Path, out: Path, corpus: Path, settings: StageS
 
     params = list(clip.vision_model.parameters()) + list(clip.visual_projection.parameters()) + list(model.heads.parameters())
     run_stage("clip_image", workdir, model, params, settings, loss_fn)
-    tower = workdir / "clip_image" / "tower"
-    clip.cpu().save_pretrained(tower.with_name("tower.tmp"), safe_serialization=True)
-    if tower.exists():
-        import shutil
+    from ..files import replace_folder
 
-        shutil.rmtree(tower)
-    tower.with_name("tower.tmp").rename(tower)
+    clip.cpu()
+    tower = replace_folder(workdir / "clip_image" / "tower", lambda tmp: clip.save_pretrained(tmp, safe_serialization=True))
     return {"tower": str(tower)}
 
 
@@ -750,21 +747,15 @@ def pretrain_vae_world(workdir: Path, out: Path, settings: StageSettings, n_per_
         probe = images[: 3 * 300 : 3]  # pre-training scenes
         a, b = first.cpu().encode(probe).latent_dist.mean, vae.encode(probe).latent_dist.mean
         result["pretraining_latent_shift"] = float((a - b).pow(2).mean() / a.var())
-    import shutil
+    from ..files import replace_folder
 
-    # written beside, then swapped: a stop in between leaves the old folder or the new one (and the
-    # start is kept in the workdir)
-    tmp, old = out / "vae.tmp", out / "vae.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    config = json.loads((tmp / "config.json").read_text())
-    config.pop("_name_or_path", None)  # the workdir's path, meaningless where the model ships
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if (out / "vae").exists():
-        shutil.rmtree(old, ignore_errors=True)
-        (out / "vae").rename(old)
-    tmp.rename(out / "vae")
-    shutil.rmtree(old, ignore_errors=True)
+    def write(folder: Path) -> None:
+        vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("_name_or_path", None)  # the workdir's path, meaningless where the model ships
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    replace_folder(out / "vae", write)
     return result
 
 
