@@ -155,6 +155,8 @@ def cmd_mini_pretrain(args) -> None:
                                warmup=200 if args.stage.startswith("unet") else 100)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # pre-training, not a parity check
     workdir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     corpus_size = args.corpus_size or 60000

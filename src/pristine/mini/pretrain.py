@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ def _render_chunk(args) -> tuple[np.ndarray, np.ndarray, list[list[str]], list[s
     return images, masks, captions, scenes
 
 
-def build_corpus(workdir: Path, n: int, seed: int = 0, workers: int = 2) -> Path:
+def build_corpus(workdir: Path, n: int, seed: int = 0, workers: int | None = None) -> Path:
     """Render n pre-training scenes (with where their objects are, their ground truth and several
     captions each); cached."""
     path = workdir / f"corpus_v3_seed{seed}_n{n}.npz"
@@ -53,7 +54,7 @@ def build_corpus(workdir: Path, n: int, seed: int = 0, workers: int = 2) -> Path
     jobs = [(seed * 1_000_003 + i, min(chunk, n - i * chunk)) for i in range(math.ceil(n / chunk))]
     from multiprocessing import Pool
 
-    with Pool(workers) as pool:
+    with Pool(workers or os.cpu_count()) as pool:  # chunks are seeded by index: any worker count gives the same corpus
         parts = list(tqdm(pool.imap(_render_chunk, jobs), total=len(jobs), desc="render corpus"))
     images, masks = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     captions = [c for p in parts for c in p[2]]
@@ -417,15 +418,20 @@ class EMA(StageHooks):
     def __init__(self, model: torch.nn.Module, path: Path, decay: float):
         self.model, self.path, self.decay = model, path, decay
         self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # state_dict() tensors share the parameters' storage, so these lists stay live; one foreach
+        # update instead of two kernel launches per tensor (it matters on a GPU)
+        live = model.state_dict()
+        self._float = [(self.weights[k], live[k]) for k in self.weights if live[k].dtype.is_floating_point]
+        self._other = [(self.weights[k], live[k]) for k in self.weights if not live[k].dtype.is_floating_point]
 
     def after_update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))  # short memory early on
         with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                if v.dtype.is_floating_point:
-                    self.weights[k].mul_(decay).add_(v, alpha=1 - decay)
-                else:
-                    self.weights[k].copy_(v)
+            averaged, current = [a for a, _ in self._float], [c for _, c in self._float]
+            torch._foreach_mul_(averaged, decay)
+            torch._foreach_add_(averaged, current, alpha=1 - decay)
+            for averaged_other, current_other in self._other:
+                averaged_other.copy_(current_other)
 
     def save(self) -> None:
         from ..checkpoint import atomic_save
@@ -435,7 +441,8 @@ class EMA(StageHooks):
     def load(self) -> None:
         from safetensors.torch import load_file
 
-        self.weights.update(load_file(str(self.path)))
+        for k, v in load_file(str(self.path)).items():
+            self.weights[k].copy_(v)  # in place: on the model's device, and the lists above stay live
 
 
 def _min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
@@ -645,7 +652,7 @@ def labelled_renders(n: int, seed: int, workers: int = 1, mix: tuple[str, ...] =
     if workers > 1:
         from multiprocessing import Pool
 
-        with Pool(workers) as pool:
+        with Pool(workers or os.cpu_count()) as pool:  # chunks are seeded by index: any worker count gives the same corpus
             parts = list(tqdm(pool.imap(_render_labelled_chunk, jobs), total=len(jobs), desc="render labelled"))
     else:
         parts = [_render_labelled_chunk(j) for j in tqdm(jobs, desc="render labelled")]
