@@ -251,7 +251,7 @@ def cmd_mini_card(args) -> None:
     from .mini.card import plot_losses, sample_grid
 
     out = Path(args.out)
-    print(plot_losses(Path(args.workdir), out / "mini_losses.png"))
+    print(plot_losses([Path(w) for w in args.workdir or ["runs/mini"]], out / "mini_losses.png"))
     print(sample_grid(out / "mini_samples.png", folder=args.model))
 
 
@@ -657,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(func=cmd_mini_score)
 
     card = mini.add_parser("card", help="loss curves and a sample grid for the model card")
-    card.add_argument("--workdir", default="runs/mini")
+    card.add_argument("--workdir", action="append", default=None,
+                      help="a work folder of stage logs; repeat it for stages continued elsewhere (default: runs/mini)")
     card.add_argument("--out", default="docs")
     card.add_argument("--model", default=None)
     card.set_defaults(func=cmd_mini_card)

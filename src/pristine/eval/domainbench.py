@@ -115,7 +115,9 @@ def run_domain_bench(out: Path, settings: DomainSettings) -> Path:
     from ..train import TrainConfig, train
     from ..world.captions import caption
 
-    out.mkdir(parents=True, exist_ok=True)
+    from .minibench import claim_folder
+
+    claim_folder(out)  # also makes the folder
     plain, trigger = write_training_sets(out / "data", settings.images)
     scenes = control_scenes(settings.prompts)
     prompts = [caption(s) for s in scenes]

@@ -323,6 +323,22 @@ def model_id() -> str:
     return digest.hexdigest()[:16]
 
 
+def claim_folder(out: Path) -> None:
+    """Tie a bench folder to the pristine-mini it was made with: its trainings are kept and resumed,
+    and a run trained on another base model must not be scored as if it were trained on this one."""
+    from ..errors import UsageError
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker, current = out / "model_id.txt", model_id()
+    if marker.is_file():
+        made_with = marker.read_text().strip()
+        if made_with != current:
+            raise UsageError(f"{out}: its runs were trained on another pristine-mini (weights {made_with}, now {current}); "
+                             "give a new --out folder")
+    else:
+        marker.write_text(current + "\n")
+
+
 def _fingerprint(settings: BenchSettings) -> str:
     """What a cached sample set depends on besides the method and the concept."""
     return json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps, "guidance": settings.guidance,
@@ -355,7 +371,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
     from ..train import TrainConfig, train
     from ..world.export import write_concept_folder
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out)
     judges = Judges()
     seeds = list(range(settings.seeds))
     fingerprint = _fingerprint(settings)

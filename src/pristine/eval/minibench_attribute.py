@@ -180,7 +180,9 @@ def run_attribute_bench(out: Path, settings: AttributeBenchSettings) -> Path:
     from ..train import TrainConfig, train
     from ..world.export import write_renders
 
-    out.mkdir(parents=True, exist_ok=True)
+    from .minibench import claim_folder
+
+    claim_folder(out)  # also makes the folder
     oracle = mini.load_oracle()
     seeds = list(range(settings.seeds))
     fingerprint = _fingerprint(settings)

@@ -130,7 +130,9 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
     from ..train import TrainConfig, train
     from ..world.export import write_concept_folder
 
-    out.mkdir(parents=True, exist_ok=True)
+    from .minibench import claim_folder
+
+    claim_folder(out)  # also makes the folder
     judges = Judges()
     seeds = list(range(settings.seeds))
     fingerprint = json.dumps({"seeds": settings.seeds, "steps": settings.sample_steps, "guidance": settings.guidance,

@@ -231,7 +231,9 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
 
     for method in settings.methods:  # every row's budget, before any work
         budget(method, settings.groups[0], settings.train_steps)
-    out.mkdir(parents=True, exist_ok=True)
+    from .minibench import claim_folder
+
+    claim_folder(out)  # also makes the folder
     oracle = mini.load_oracle()
     seeds = list(range(settings.seeds))
     fingerprint = json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps,

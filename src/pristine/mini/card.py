@@ -9,17 +9,23 @@ from .pretrain import read_log
 STAGES = ("vae", "clip", "oracle", "unet", "unet_joint", "clip_image", "clip_negatives", "vae_world")
 
 
-def plot_losses(workdir: Path, out_png: Path) -> Path:
+def plot_losses(workdirs: list[Path], out_png: Path) -> Path:
+    """One panel per stage log found in the work folders (with several folders, say one per machine,
+    each panel names its folder)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    logs = {stage: read_log(workdir, stage) for stage in STAGES}
-    logs = {stage: log for stage, log in logs.items() if log}  # stages run on another machine have no log here
+    logs = {}
+    for workdir in workdirs:
+        for stage in STAGES:
+            log = read_log(workdir, stage)  # stages run on another machine have no log here
+            if log:
+                logs[stage if len(workdirs) == 1 else f"{stage}, {workdir.name}"] = log
     if not logs:
-        raise FileNotFoundError(f"{workdir}: no stage logs to plot")
+        raise FileNotFoundError(f"{', '.join(map(str, workdirs))}: no stage logs to plot")
     fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3.2), squeeze=False)
     axes = axes[0]
     for ax, (stage, log) in zip(axes, logs.items()):

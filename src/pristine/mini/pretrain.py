@@ -652,7 +652,7 @@ def labelled_renders(n: int, seed: int, workers: int = 1, mix: tuple[str, ...] =
     if workers > 1:
         from multiprocessing import Pool
 
-        with Pool(workers or os.cpu_count()) as pool:  # chunks are seeded by index: any worker count gives the same corpus
+        with Pool(workers) as pool:  # chunks are seeded by index: any worker count gives the same renders
             parts = list(tqdm(pool.imap(_render_labelled_chunk, jobs), total=len(jobs), desc="render labelled"))
     else:
         parts = [_render_labelled_chunk(j) for j in tqdm(jobs, desc="render labelled")]
@@ -767,7 +767,7 @@ def pretrain_vae_world(workdir: Path, out: Path, settings: StageSettings, n_per_
 
 
 def pretrain_oracle(workdir: Path, out: Path, settings: StageSettings, n_train: int = 60000, device: str = "cpu",
-                    workers: int = 1, full_res_convs: int = 2) -> dict:
+                    workers: int | None = None, full_res_convs: int = 2) -> dict:
     """Train the oracle; returns its self-test (score.selftest: the pre-training and the whole world)."""
     from .oracle import Oracle, loss
     from .score import selftest
@@ -779,7 +779,7 @@ def pretrain_oracle(workdir: Path, out: Path, settings: StageSettings, n_train: 
         data = load_file(str(cache))
         images, targets = data.pop("images"), data
     else:
-        images, targets, _ = labelled_renders(n_train, seed=settings.seed + 1, workers=workers)
+        images, targets, _ = labelled_renders(n_train, seed=settings.seed + 1, workers=workers or os.cpu_count() or 1)
         from ..checkpoint import atomic_save
 
         atomic_save({"images": images, **targets}, cache)
