@@ -75,7 +75,7 @@ def test_control_map_on_known_maps():
     assert not m.requires_grad
 
 
-def test_phrase_maps_sum_a_phrase_over_its_tokens_and_scale_it():
+def test_phrase_maps_sum_a_phrase_over_its_tokens_and_keep_the_probabilities():
     # one layer at the latent's 4x4 resolution, 2 heads, 6 tokens; a two-token phrase at positions 2 and 3
     maps = torch.zeros(1, 2, 16, 6)
     maps[..., 0] = 1.0  # everything on the start token ...
@@ -84,7 +84,7 @@ def test_phrase_maps_sum_a_phrase_over_its_tokens_and_scale_it():
     sel, valid = selection([[[2, 3]]], 6)
     a = phrase_maps({"layer": maps}, sel, (4, 4))
     expected = torch.zeros(4, 4)
-    expected[1, 1], expected[1, 2] = 1.0, 0.1 / 0.8  # mean over heads, then scaled by the maximum (0.8)
+    expected[1, 1], expected[1, 2] = 0.8, 0.1  # summed over the phrase's tokens, mean over heads, not rescaled
     assert torch.allclose(a[0, 0], expected, atol=1e-6) and valid.tolist() == [[1.0]]
 
 
