@@ -114,10 +114,9 @@ def run_domain_bench(out: Path, settings: DomainSettings) -> Path:
     from ..sampling import Models, SampleSettings, sample
     from ..train import TrainConfig, train
     from ..world.captions import caption
-
     from .minibench import claim_folder
 
-    claim_folder(out)  # also makes the folder
+    claim_folder(out)
     plain, trigger = write_training_sets(out / "data", settings.images)
     scenes = control_scenes(settings.prompts)
     prompts = [caption(s) for s in scenes]

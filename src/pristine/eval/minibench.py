@@ -324,8 +324,9 @@ def model_id() -> str:
 
 
 def claim_folder(out: Path) -> None:
-    """Tie a bench folder to the pristine-mini it was made with: its trainings are kept and resumed,
-    and a run trained on another base model must not be scored as if it were trained on this one."""
+    """Make the bench folder and tie it to the pristine-mini it was made with: its trainings are kept
+    and resumed, and a run trained on another base model must not be scored as if it were trained on
+    this one."""
     from ..errors import UsageError
 
     out.mkdir(parents=True, exist_ok=True)

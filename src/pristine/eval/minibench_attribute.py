@@ -29,7 +29,7 @@ import numpy as np
 from ..world.captions import caption
 from ..world.concepts import ATTRIBUTE_WORDS
 from ..world.scene import Scene, WorldObject, positions_compatible
-from .minibench import UNRELATED, _load_cached, _object_summary, _save_cached, interval_summary
+from .minibench import UNRELATED, _load_cached, _object_summary, _save_cached, claim_folder, interval_summary, model_id
 
 # One budget per row, fixed before any benchmark was run: the same steps, rank and learning rate for
 # all; SPF's stages split them. The attribute words need no new token, so the concept task's `lora`
@@ -163,8 +163,6 @@ def summarize_attribute(records: list[dict]) -> dict:
 
 
 def _fingerprint(settings: AttributeBenchSettings) -> str:
-    from .minibench import model_id
-
     return json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps, "guidance": settings.guidance,
                        "train_steps": settings.train_steps, "images": settings.images, "contexts": settings.contexts,
                        "model": model_id()}, sort_keys=True)
@@ -180,9 +178,7 @@ def run_attribute_bench(out: Path, settings: AttributeBenchSettings) -> Path:
     from ..train import TrainConfig, train
     from ..world.export import write_renders
 
-    from .minibench import claim_folder
-
-    claim_folder(out)  # also makes the folder
+    claim_folder(out)
     oracle = mini.load_oracle()
     seeds = list(range(settings.seeds))
     fingerprint = _fingerprint(settings)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .minibench import (TOKEN, Judges, _load_cached, _save_cached, budget_settings, context_right, interval_summary,
-                        prompts_for)
+from .minibench import (TOKEN, Judges, _load_cached, _save_cached, budget_settings, claim_folder, context_right,
+                        interval_summary, prompts_for)
 
 # row: (the method's MiniBench budget, ICO in training, DCI in sampling)
 CONTEXT_ROWS = {
@@ -130,9 +130,7 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
     from ..train import TrainConfig, train
     from ..world.export import write_concept_folder
 
-    from .minibench import claim_folder
-
-    claim_folder(out)  # also makes the folder
+    claim_folder(out)
     judges = Judges()
     seeds = list(range(settings.seeds))
     fingerprint = json.dumps({"seeds": settings.seeds, "steps": settings.sample_steps, "guidance": settings.guidance,

@@ -227,13 +227,11 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
     from ..train import TrainConfig, train
     from ..world.export import write_concept_folder
     from .grids import make_grid
-    from .minibench import _load_cached, _save_cached
+    from .minibench import _load_cached, _save_cached, claim_folder
 
     for method in settings.methods:  # every row's budget, before any work
         budget(method, settings.groups[0], settings.train_steps)
-    from .minibench import claim_folder
-
-    claim_folder(out)  # also makes the folder
+    claim_folder(out)
     oracle = mini.load_oracle()
     seeds = list(range(settings.seeds))
     fingerprint = json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps,

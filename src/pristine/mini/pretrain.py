@@ -416,7 +416,7 @@ class EMA(StageHooks):
     """An exponential moving average of a model's weights, saved beside the stage's checkpoint."""
 
     def __init__(self, model: torch.nn.Module, path: Path, decay: float):
-        self.model, self.path, self.decay = model, path, decay
+        self.path, self.decay = path, decay
         self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         # state_dict() tensors share the parameters' storage, so these lists stay live; one foreach
         # update instead of two kernel launches per tensor (it matters on a GPU)
