@@ -119,8 +119,8 @@ img{{image-rendering:pixelated}}</style></head><body>
 <p>Seeds {seeds[0]}..{seeds[-1]}, DDIM {sample_steps} steps, guidance 5. LoRA and PureCC (stage 1: token and extractor
 LoRA; stage 2: a fresh LoRA that learns the concept while keeping the base model's answer for the rest of the prompt)
 train with the same steps per stage, rank and learning rate. Scores by the Shapes-world oracle:
-fidelity = share of concept pictures closer to the concept's references than to plain {concept.class_word}s
-(before: the base model drawing the class prompt); adherence = background and place found as the prompt asks;
+fidelity = share of concept pictures in which the oracle reads the concept: a {concept.color} {concept.class_word}
+with a {concept.accent} {concept.marking} (before: the base model drawing the class prompt); adherence = background and place found as the prompt asks;
 unrelated prompts = the same prompts and seeds before and after training: mean absolute pixel change (0..1) and the share
 of pictures the oracle reads the same.</p>
 <table>{head}{body}</table>{grids}</body></html>"""
