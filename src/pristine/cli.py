@@ -548,6 +548,22 @@ def cmd_bench_steps(args) -> None:
     print(f"written to {out / 'stepcost.json'}")
 
 
+def cmd_bench_peer(args) -> None:
+    from .eval.peer import PeerSettings, run
+
+    settings = PeerSettings(steps=args.steps, threads=args.threads, warmup=args.warmup, concept=args.concept,
+                            pristine_args=list(args.pristine_arg or []))
+    if args.warmup + 2 > args.steps:
+        raise UsageError(f"--warmup {args.warmup}: leaves fewer than two timed steps of --steps {args.steps}; lower it")
+    r = run(args.script, args.python, Path(args.out), rounds=args.rounds, settings=settings, model=args.model or "")
+    s, m = r["speed_ratio_range"], r["memory_ratio_range"]
+    print(f"{args.rounds} alternating rounds, {args.steps} steps, {args.threads} threads; pristine over the script:")
+    print(f"  steps/s  {r['pristine_steps_per_s']:.2f} against {r['peer_steps_per_s']:.2f}: "
+          f"{r['speed_ratio']:.2f}x [{s[0]:.2f}, {s[1]:.2f}]")
+    print(f"  peak RSS {r['memory_ratio']:.2f}x [{m[0]:.2f}, {m[1]:.2f}]")
+    print(f"written to {Path(args.out) / 'peer.json'}")
+
+
 def cmd_eval(args) -> None:
     from .eval.real_metrics import RealMetrics, read_image_folder
 
@@ -893,6 +909,23 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--gradient-checkpointing", action="store_true", help="measure every method with it on")
     bs.add_argument("--out", required=True)
     bs.set_defaults(func=cmd_bench_steps)
+
+    bp = bench.add_parser("peer", help="pristine's LoRA against diffusers' train_dreambooth_lora.py at the same settings: "
+                                       "steps/s and peak memory, in alternating rounds")
+    bp.add_argument("--script", required=True, help="path of examples/dreambooth/train_dreambooth_lora.py (not part of pristine)")
+    bp.add_argument("--python", default=sys.executable,
+                    help="a Python that can run the script (default: this one; torchvision's transforms are "
+                         "stood in for when it cannot import them)")
+    bp.add_argument("--model", help="a diffusers SD folder both train (default: pristine-mini)")
+    bp.add_argument("--concept", default="ember_star", help="the development concept whose references both learn")
+    bp.add_argument("--steps", type=_positive("--steps"), default=300)
+    bp.add_argument("--warmup", type=int, default=10, help="optimizer steps left out of the rate (default: 10)")
+    bp.add_argument("--threads", type=_positive("--threads"), default=2)
+    bp.add_argument("--rounds", type=_positive("--rounds"), default=5)
+    bp.add_argument("--pristine-arg", action="append", metavar="FLAG",
+                    help="an extra `pristine train` flag, repeatable; write as --pristine-arg=--method-arg=train_token=false")
+    bp.add_argument("--out", required=True, help="folder for the images, both runs, their logs and peer.json")
+    bp.set_defaults(func=cmd_bench_peer)
 
     ev = sub.add_parser("eval", help="CLIP-T, CLIP-I and DINO with metric models from local folders")
     ev.add_argument("--images", help="generated pictures with prompts (metadata.jsonl or .txt beside each)")
