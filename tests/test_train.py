@@ -311,3 +311,36 @@ def test_each_method_lowers_its_loss_on_pristine_mini(method):
         loss.backward()
         opt.step()
     assert probe_loss() < 0.99 * before
+
+
+def test_repeated_prompts_are_encoded_once_with_the_same_values_and_gradients(tiny):
+    """A batch with one instance prompt runs the text encoder once; each copy's gradient reaches the token."""
+    from pristine.backbones import load_backbone
+    from pristine.data import ConceptSpec
+    from pristine.methods.base import TokenEmbeddings, encode_distinct
+
+    bb = load_backbone(str(tiny))
+    tokens = TokenEmbeddings(bb, [ConceptSpec("unused", "<v1>", "star")])
+    rows = tokens.make_trainable()
+    # in float64: float32 rounding differs between one backward of the summed copies and three backwards
+    bb.text_encoder.to(torch.float64)
+    rows[0].data = rows[0].data.double()
+    prompts = [tokens.prompt(p) for p in ["a photo of <v1> star", "a <v1> star on grass", "a photo of <v1> star",
+                                          "a photo of <v1> star"]]
+    calls = []
+    original = bb.encode_prompts
+    bb.encode_prompts = lambda ps: calls.append(list(ps)) or original(ps)
+    weights = torch.linspace(0.5, 2.0, 4, dtype=torch.float64).view(4, 1, 1)
+
+    def loss_and_grad(encode):
+        for r in rows:
+            r.grad = None
+        out = encode(prompts)
+        (out["encoder_hidden_states"] * weights).pow(2).sum().backward()
+        return out["encoder_hidden_states"].detach(), rows[0].grad.clone()
+
+    distinct, grad_distinct = loss_and_grad(lambda ps: encode_distinct(bb, ps))
+    assert calls[-1] == [prompts[0], prompts[1]]  # two distinct prompts, in first-seen order
+    full, grad_full = loss_and_grad(original)
+    assert torch.allclose(distinct, full, atol=1e-12)
+    assert grad_full.abs().sum() > 0 and torch.allclose(grad_distinct, grad_full, rtol=1e-9, atol=1e-12)

@@ -202,6 +202,19 @@ class TokenEmbeddings:
         return self.backbone.expand_prompt(text, self.tokens)
 
 
+def encode_distinct(backbone, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """`backbone.encode_prompts(prompts)`, running the text encoders once per distinct prompt. A batch
+    with one instance prompt (what most users give) encodes one prompt instead of batch-size copies:
+    with a learned token that is a forward and backward pass through the text encoder each step. The
+    rows are picked by index, so each copy's gradient still reaches the shared encoding."""
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) == len(prompts):
+        return backbone.encode_prompts(prompts)
+    encoded = backbone.encode_prompts(distinct)
+    index = [distinct.index(p) for p in prompts]
+    return {k: v[torch.tensor(index, device=v.device)] for k, v in encoded.items()}
+
+
 def draw_noise(backbone, latents: torch.Tensor, generator: torch.Generator,
                batch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's noise and timesteps. The training loop draws them for the whole batch of all processes
@@ -446,14 +459,14 @@ class Method:
         if self.tokens is not None:
             prompts = [self.tokens.prompt(p) for p in prompts]
         if (self.tokens is not None and self.tokens.trainable) or self._text_encoders_train():
-            return self.backbone.encode_prompts(prompts)
+            return encode_distinct(self.backbone, prompts)
         return self._encode_once(prompts)
 
     def encode_fixed(self, prompts: list[str]) -> dict:
         """Prompts that name no new token: their encoding does not depend on the tokens' rows, so with
         frozen text encoders each is encoded once, even while the tokens learn."""
         if self._text_encoders_train():
-            return self.backbone.encode_prompts(prompts)
+            return encode_distinct(self.backbone, prompts)
         return self._encode_once(prompts)
 
     def _text_encoders_train(self) -> bool:
