@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from pristine.cli import main
+from pristine.errors import UsageError
 from pristine.eval import peer
 
 TRAINER = """
@@ -42,7 +43,7 @@ def test_rate_leaves_out_the_warmup_steps():
     # 10 slow steps, then one every 0.1 s
     stamps = [float(k) for k in range(10)] + [9 + 0.1 * k for k in range(1, 21)]
     assert peer._rate({"step_end_s": stamps}, warmup=10) == pytest.approx(10.0)
-    with pytest.raises(RuntimeError, match="more --steps"):
+    with pytest.raises(UsageError, match="more --steps"):
         peer._rate({"step_end_s": stamps[:5]}, warmup=10)
 
 
@@ -105,3 +106,14 @@ def test_commands_give_both_trainers_the_same_settings(tmp_path):
         assert flag(ours, mine) == flag(theirs, other), mine
     # pristine's prompt names its token where the script's names its rare word
     assert flag(ours, "--instance-prompt").replace("{token}", "sks") == flag(theirs, "--instance_prompt")
+
+
+def test_a_failing_peer_script_is_one_line_naming_its_log(tmp_path, capsys):
+    script = tmp_path / "broken.py"
+    script.write_text("raise SystemExit(3)\n")
+    code = main(["bench", "peer", "--script", str(script), "--steps", "20", "--rounds", "1", "--threads", "1",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "exit status 3" in lines[0] and "round0_peer.log" in lines[0]

@@ -73,16 +73,16 @@ def _environment(threads: int) -> dict[str, str]:
 def _rate(record: dict, warmup: int) -> float:
     stamps = record["step_end_s"]
     if len(stamps) < warmup + 2:
-        raise RuntimeError(f"only {len(stamps)} optimizer steps were recorded; give more --steps than --warmup")
+        raise UsageError(f"--steps: only {len(stamps)} optimizer steps were recorded; give more --steps than --warmup + 1")
     return (len(stamps) - 1 - warmup) / (stamps[-1] - stamps[warmup])
 
 
-def _run(command: list[str], env: dict, log: Path) -> None:
+def _run(who: str, command: list[str], env: dict, log: Path) -> None:
     with open(log, "w", encoding="utf-8") as f:
         done = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace")[-1500:]
-        raise RuntimeError(f"{command[2]} failed (exit {done.returncode}); its log is {log}:\n{tail}")
+        fix = "check --script and --python" if who == "peer" else "check --pristine-arg"
+        raise UsageError(f"the {who} run stopped with exit status {done.returncode}; its output is in {log}; {fix}")
 
 
 def commands(settings: PeerSettings, script: Path, python: Path, model: str, images: Path, token: str,
@@ -143,7 +143,7 @@ def run(script: str, python: str, out: Path, rounds: int = 5, settings: PeerSett
             for who, (command, result) in commands(settings, script_path, python_path, model, images, "<v1>",
                                                    class_word, out, k).items():
                 result.unlink(missing_ok=True)
-                _run(command, env_ours if who == "pristine" else env_peer, out / f"round{k}_{who}.log")
+                _run(who, command, env_ours if who == "pristine" else env_peer, out / f"round{k}_{who}.log")
                 timed = json.loads(result.read_text())
                 record[who] = {"steps_per_s": _rate(timed, settings.warmup), "peak_rss_bytes": timed["peak_rss_bytes"],
                                "wall_s": timed["wall_s"], "threads": timed["threads"]}
