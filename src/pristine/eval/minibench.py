@@ -2,8 +2,8 @@
 
 For every (method, concept): train with the method's frozen budget, then draw fixed prompts with
 fixed seeds from the original and the customized model and score
-- fidelity: is it the concept (oracle embedding against its references vs plain members of its
-  class), CLIP-I (mini CLIP image cosine to the references), DINO-style (oracle embedding cosine);
+- fidelity: is it the concept (the oracle reads its shape, body color, marking and accent on one
+  object), CLIP-I (mini CLIP image cosine to the references), DINO-style (oracle embedding cosine);
 - prompt adherence: the context the prompt asks for besides the concept (background, place, size,
   a second object, style), and CLIP-T;
 - pollution: (a) prompts without the concept, original vs customized, same seeds: pixel distance

@@ -5,7 +5,7 @@ A row with ICO trains its own run (the method's MiniBench budget plus `ico`); a 
 same run as the row without it, so DCI's effect is the sampler's alone. Every row samples through the
 engine (ordinary CFG with the run's own ∅, guidance 5; DCI with agg_time 0.3, λ 0 unless asked), the
 same seeds for all, and is scored by the oracle:
-- fidelity: is it the concept (oracle embedding nearer its references than plain members of its class);
+- fidelity: is it the concept (the oracle reads its shape, body color, marking and accent on one object);
 - adherence per attribute the prompt asks for besides the concept: background, place, size, the cartoon
   style, a second object; and their mean;
 - CLIP-T: mini-CLIP image-text cosine, the token replaced by the class word;

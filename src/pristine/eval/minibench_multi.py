@@ -12,7 +12,7 @@ the prompt's others):
 - missing: anything else: nothing at p, or an object that carries neither c, another asked concept,
            nor a mix of them (c's markings on a third shape are missing too: the concept was not drawn).
 confusion = swapped + leaked + missing. Beside it, each concept alone in a prompt after the joint
-training: the single-concept fidelity (the oracle-embedding test of MiniBench) and `right` at its place.
+training: the single-concept fidelity (MiniBench's exact test: the concept anywhere in the picture) and `right` at its place.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ SUMMARY = (  # (key, record kind, label)
     ("leaked", "multi", "leaked"),
     ("missing", "multi", "missing"),
     ("confusion", "multi", "confusion = swapped + leaked + missing"),
-    ("fidelity", "single", "single-concept fidelity (oracle embedding)"),
+    ("fidelity", "single", "single-concept fidelity (oracle, exact)"),
     ("right", "single", "single-concept right at its place"),
 )
 
