@@ -919,7 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--model", help="a diffusers SD folder both train (default: pristine-mini)")
     bp.add_argument("--concept", default="ember_star", help="the development concept whose references both learn")
     bp.add_argument("--steps", type=_positive("--steps"), default=300)
-    bp.add_argument("--warmup", type=int, default=10, help="optimizer steps left out of the rate (default: 10)")
+    bp.add_argument("--warmup", type=_at_least_zero("--warmup"), default=10, help="optimizer steps left out of the rate (default: 10)")
     bp.add_argument("--threads", type=_positive("--threads"), default=2)
     bp.add_argument("--rounds", type=_positive("--rounds"), default=5)
     bp.add_argument("--pristine-arg", action="append", metavar="FLAG",

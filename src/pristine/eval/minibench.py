@@ -337,7 +337,9 @@ def claim_folder(out: Path) -> None:
             raise UsageError(f"{out}: its runs were trained on another pristine-mini (weights {made_with}, now {current}); "
                              "give a new --out folder")
     else:
-        marker.write_text(current + "\n")
+        from ..files import atomic_write_text
+
+        atomic_write_text(marker, current + "\n")
 
 
 def _fingerprint(settings: BenchSettings) -> str:

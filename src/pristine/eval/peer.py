@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import atomic_write_text
 
 HERE = Path(__file__).parent
 TIMER = HERE / "peer_timer.py"
@@ -126,12 +126,9 @@ def run(script: str, python: str, out: Path, rounds: int = 5, settings: PeerSett
         raise UsageError(f"--concept {concept.name}: a final concept; compare on a development concept")
     class_word = settings.class_word or concept.class_word
     out.mkdir(parents=True, exist_ok=True)
-    # the script reads every file of its folder as an image: the captions stay in a folder of their own
-    captioned = write_concept_folder(concept, "<v1>", out / "captioned")
-    images = out / "images"
-    images.mkdir(exist_ok=True)
-    for png in sorted(captioned.glob("*.png")):
-        shutil.copy(png, images / png.name)
+    images = write_concept_folder(concept, "<v1>", out / "images")
+    for text in images.glob("*.txt"):  # the script reads every file of its folder as an image; both use one prompt
+        text.unlink()
     env_ours = _environment(settings.threads)
     env_peer = _environment(settings.threads)
     if needs_shim(python_path):
@@ -158,7 +155,5 @@ def run(script: str, python: str, out: Path, rounds: int = 5, settings: PeerSett
                "memory_ratio": statistics.median(memory), "memory_ratio_range": [min(memory), max(memory)],
                "pristine_steps_per_s": statistics.median(r["pristine"]["steps_per_s"] for r in results),
                "peer_steps_per_s": statistics.median(r["peer"]["steps_per_s"] for r in results)}
-    tmp = out / "peer.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / "peer.json")
+    atomic_write_text(out / "peer.json", json.dumps(summary, indent=1))
     return summary

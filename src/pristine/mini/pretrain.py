@@ -421,15 +421,15 @@ class EMA(StageHooks):
         # state_dict() tensors share the parameters' storage, so these lists stay live; one foreach
         # update instead of two kernel launches per tensor (it matters on a GPU)
         live = model.state_dict()
-        self._float = [(self.weights[k], live[k]) for k in self.weights if live[k].dtype.is_floating_point]
+        floating = [k for k in self.weights if live[k].dtype.is_floating_point]
+        self._averaged, self._current = [self.weights[k] for k in floating], [live[k] for k in floating]
         self._other = [(self.weights[k], live[k]) for k in self.weights if not live[k].dtype.is_floating_point]
 
     def after_update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))  # short memory early on
         with torch.no_grad():
-            averaged, current = [a for a, _ in self._float], [c for _, c in self._float]
-            torch._foreach_mul_(averaged, decay)
-            torch._foreach_add_(averaged, current, alpha=1 - decay)
+            torch._foreach_mul_(self._averaged, decay)
+            torch._foreach_add_(self._averaged, self._current, alpha=1 - decay)
             for averaged_other, current_other in self._other:
                 averaged_other.copy_(current_other)
 
