@@ -8,7 +8,20 @@ MODEL_DIR = Path(__file__).parent / "model"
 
 
 def path() -> str:
-    """The model folder: StableDiffusionPipeline.from_pretrained(pristine.mini.path()) loads it offline."""
+    """The model folder: StableDiffusionPipeline.from_pretrained(pristine.mini.path()) loads it offline.
+
+    PRISTINE_MINI_DIR, when set, names another folder in the same layout (a retrained pristine-mini,
+    `pristine mini pretrain --out`), so every command and benchmark can judge it without reinstalling."""
+    import os
+
+    if os.environ.get("PRISTINE_MINI_DIR"):
+        folder = Path(os.environ["PRISTINE_MINI_DIR"])
+        if not (folder / "model_index.json").exists():
+            from ..errors import UsageError
+
+            raise UsageError(f"PRISTINE_MINI_DIR={folder}: no model_index.json there; point it at a pristine-mini "
+                             "model folder (`pristine mini pretrain --out`) or unset it")
+        return str(folder)
     if not (MODEL_DIR / "model_index.json").exists():
         raise FileNotFoundError(f"pristine-mini weights are missing from {MODEL_DIR}; run `pristine mini pretrain`")
     return str(MODEL_DIR)
