@@ -133,8 +133,7 @@ STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped
     "clip-image": (2500, 64, 5e-4),
     "clip-negatives": (1000, 64, 5e-4),
     "vae-world": (1500, 33, 2e-4),
-    "vae-detail": (1500, 33, 5e-4),
-    "unet-detail": (1500, 128, 2e-4),
+    "vae16": (2000, 33, 1e-3),
 }
 
 
@@ -143,8 +142,6 @@ STAGE_NEEDS = {  # what a stage reads from the model folder
     "unet-joint": ("vae", "text_encoder", "tokenizer", "unet"),
     "clip-negatives": ("clip", "tokenizer"),
     "vae-world": ("vae",),
-    "vae-detail": ("vae",),
-    "unet-detail": ("vae", "text_encoder", "tokenizer", "unet"),
 }
 
 
@@ -170,24 +167,23 @@ def cmd_mini_pretrain(args) -> None:
         return
     for part in STAGE_NEEDS.get(args.stage, ()):
         if not (out / part).exists():
-            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-image, clip-negatives, vae-world, vae-detail, unet-detail")
+            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-image, clip-negatives, vae-world")
     if args.export_now:
-        if args.stage not in ("unet", "unet-joint", "unet-detail"):
-            raise UsageError("--export-now applies to --stage unet, unet-joint and unet-detail (the other stages export when they finish)")
+        if args.stage not in ("unet", "unet-joint"):
+            raise UsageError("--export-now applies to --stage unet and unet-joint (the other stages export when they finish)")
         P.export_denoiser(workdir, out, args.stage.replace("-", "_"))
         print(f"exported the latest {args.stage} checkpoint's EMA weights to {out}")
+        return
+    if args.stage == "vae16":
+        # --corpus-size: the whole-world renders it trains on (default 18,000, a third per part)
+        P.pretrain_vae16(workdir, out, settings, n_per_part=max(1, (args.corpus_size or 18000) // 3), device=args.device)
+        print(f"stage vae16 done: {out} (a new latent space: run unet-joint on it next)")
         return
     if args.stage == "vae-world":
         # --corpus-size: the whole-world renders it trains on (default 18,000, a third per part)
         print(json.dumps(P.pretrain_vae_world(workdir, out, settings, n_per_part=max(1, (args.corpus_size or 18000) // 3),
                                               device=args.device), indent=2))
         print(f"stage vae-world done: {out}")
-        return
-    if args.stage == "vae-detail":
-        # --corpus-size: the whole-world renders it trains on (default 18,000, a third per part)
-        print(json.dumps(P.pretrain_vae_detail(workdir, out, settings, n_per_part=max(1, (args.corpus_size or 18000) // 3),
-                                               device=args.device), indent=2))
-        print(f"stage vae-detail done: {out}")
         return
     tokenizer_dir = _tokenizer_source(args, out) if args.stage == "clip" else None
     corpus = P.build_corpus(workdir, corpus_size)
@@ -656,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     mini = sub.add_parser("mini", help="pristine-mini, the embedded model").add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
     pre = mini.add_parser("pretrain", help="pre-train one stage of pristine-mini (resumes when run again)")
     pre.add_argument("--stage", required=True, choices=tuple(STAGE_DEFAULTS),
-                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), vae-world (the VAE's decoder continued on the whole world's pixels, markings and the retro style), vae-detail (the VAE widened to 8 latent channels on the same grid, its first 4 anchored, trained on the whole world), unet-detail (the UNet widened to the vae-detail latents and fine-tuned on them), oracle")
+                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), vae-world (the VAE's decoder continued on the whole world's pixels, markings and the retro style), vae16 (v3's autoencoder from scratch on the whole world: a 4x16x16 latent, which keeps the concepts' markings; the denoiser stages then train on it), oracle")
     pre.add_argument("--device", default="cpu", help="cpu (default) or cuda: where a GPU is available, use it for the long stages")
     pre.add_argument("--export-now", action="store_true", help="write the model folder from the stage's latest checkpoint and stop")
     pre.add_argument("--workdir", default="runs/mini", help="checkpoints, logs and the rendered corpus")
@@ -664,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=_positive("--steps"), default=None, help="training steps (default: the shipped recipe's)")
     pre.add_argument("--batch-size", type=_positive("--batch-size"), default=None, help="batch size (default: the shipped recipe's)")
     pre.add_argument("--corpus-size", type=_positive("--corpus-size"), default=None,
-                     help="pre-training scenes rendered for the stage (default 60,000; vae-world: whole-world renders, default 18,000)")
+                     help="pre-training scenes rendered for the stage (default 60,000; vae-world and vae16: whole-world renders, default 18,000)")
     pre.add_argument("--threads", type=_positive("--threads"), default=None)
     pre.add_argument("--bpe", default=None, help="open_clip's bpe_simple_vocab_16e6.txt.gz, to build the tokenizer")
     pre.set_defaults(func=cmd_mini_pretrain)

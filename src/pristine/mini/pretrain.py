@@ -216,6 +216,41 @@ def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings
     vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
 
 
+def pretrain_vae16(workdir: Path, out: Path, settings: StageSettings, n_per_part: int = 6000, device: str = "cpu") -> None:
+    """v3's autoencoder, from scratch: a 4x16x16 latent (architecture.VAE16_CONFIG), trained on the
+    whole world's pixels (the vae-world stage's renders: pre-training scenes, held-out patterns and
+    concept markings, the retro style), with the vae stage's loss. A new latent space: the denoiser
+    stages that follow train on it (unet-joint warm-starts from the model folder's UNet)."""
+    images, weights = whole_world_pixels(workdir, n_per_part)
+    torch.manual_seed(settings.seed)
+    vae = arch.new_vae(16)
+    with torch.no_grad():  # start with a small posterior std: unit noise on fresh latents drowns them
+        vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
+    vae.to(device)
+
+    def loss_fn(step, g):
+        idx = _batch(len(images), settings.batch_size, g)
+        x, w = images[idx].to(device), weights[idx].to(device)
+        posterior, l1, mse, edge = _vae_reconstruction(vae, x, w, g)
+        kl = posterior.kl().mean() / x[0].numel()
+        return l1 + mse + edge + 1e-4 * kl, {"l1": round(l1.item(), 5), "kl": round(kl.item(), 4)}
+
+    run_stage("vae16", workdir, vae, list(vae.parameters()), settings, loss_fn)
+    vae.eval().cpu()
+    with torch.no_grad():  # unit-variance latents, as Stable Diffusion's scaling factor gives
+        z = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, min(4500, len(images)), 500)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    from ..files import replace_folder
+
+    def write(folder: Path) -> None:
+        vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("_name_or_path", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    replace_folder(out / "vae", write)
+
+
 def pretrain_clip(workdir: Path, out: Path, corpus: Path, settings: StageSettings, tokenizer_dir: Path,
                   device: str = "cpu") -> None:
     from .tokenizer import load_tokenizer
@@ -487,7 +522,7 @@ def _encoded_corpus(workdir: Path, out: Path, corpus: Path, device: str = "cpu")
         from ..checkpoint import atomic_save
 
         atomic_save({"latents": latents}, latents_path)
-    factor = arch.IMAGE_SIZE // arch.LATENT_SIZE
+    factor = arch.IMAGE_SIZE // latents.shape[-1]
     object_cells = F.max_pool2d(torch.from_numpy(data["masks"])[:, None].float(), factor)  # any object pixel
     return latents, captions, object_cells
 
@@ -497,9 +532,6 @@ DENOISER_PHASES = {
     #           extra loss weight of the latent cells an object touches)
     "unet": (False, False, 0.0),
     "unet_joint": (True, True, 4.0),
-    # from the model folder's denoiser, widened to the vae-detail stage's latent channels; the text
-    # encoder stays as unet-joint left it
-    "unet_detail": (True, False, 4.0),
 }
 
 
@@ -529,17 +561,17 @@ def pretrain_denoiser(workdir: Path, out: Path, corpus: Path, settings: StageSet
 
         for part in ("unet", "text_encoder") if warm_start else ("text_encoder",):
             shutil.copytree(out / part, init / part)
-        channels = json.loads((out / "vae" / "config.json").read_text())["latent_channels"]
-        if warm_start and json.loads((init / "unet" / "config.json").read_text())["in_channels"] != channels:
-            from diffusers import UNet2DConditionModel
-
-            start = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True)
-            widen_unet(start, channels).save_pretrained(init / "unet", safe_serialization=True)
+        if warm_start:  # a denoiser of another latent grid starts from the same weights (convolutions and
+            # attention do not depend on the grid); its config's sample_size sets the pipeline's default size
+            config_path = init / "unet" / "config.json"
+            config = json.loads(config_path.read_text())
+            config["sample_size"] = latents.shape[-1]
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer = load_tokenizer(out / "tokenizer")
     ids = tokenize(tokenizer, captions.reshape(-1)).reshape(len(latents), CAPTIONS_PER_SCENE, 77)
     empty_ids = tokenize(tokenizer, [""])[0]
     torch.manual_seed(settings.seed)
-    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True) if warm_start else arch.new_unet()
+    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True) if warm_start else arch.new_unet(latents.shape[-1])
     text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32, use_safetensors=True)
     text_encoder.requires_grad_(train_text).train(train_text)
     trained = torch.nn.ModuleDict({"unet": unet, **({"text_encoder": text_encoder} if train_text else {})})
@@ -588,7 +620,8 @@ def export_denoiser(workdir: Path, out: Path, stage: str) -> None:
     def part(prefix):
         return {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
 
-    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True) if warm_start else arch.new_unet()
+    grid = arch.latent_size(json.loads((out / "vae" / "config.json").read_text()))
+    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True) if warm_start else arch.new_unet(grid)
     unet.load_state_dict(part("unet"))
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
     if train_text:
@@ -773,137 +806,6 @@ def pretrain_vae_world(workdir: Path, out: Path, settings: StageSettings, n_per_
 
     replace_folder(out / "vae", write)
     return result
-
-
-def widen_vae(vae, latent_channels: int):
-    """The same autoencoder with `latent_channels` latent channels, the first ones its own: every old
-    weight is copied, the new channels pass through the 1x1 convolutions unchanged and the decoder
-    starts by ignoring them, so the round trip is at first exactly the old one."""
-    from diffusers import AutoencoderKL
-
-    old_c = vae.config.latent_channels
-    extra = latent_channels - old_c
-    if extra <= 0:
-        raise ValueError(f"latent_channels {latent_channels} must exceed the VAE's {old_c}")
-    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
-    wide = AutoencoderKL(**{**config, "latent_channels": latent_channels})  # float32, as `vae` must be
-    own = vae.state_dict()
-    # moments are [mean (c), log-variance (c)]: old row i lands at i (mean) or i + extra (log-variance)
-    rows = torch.tensor([i if i < old_c else i + extra for i in range(2 * old_c)])
-    new_mean = torch.arange(old_c, latent_channels)
-    new_logvar = new_mean + latent_channels
-    with torch.no_grad():
-        state = wide.state_dict()
-        for key, value in own.items():
-            if key.startswith(("encoder.conv_out.", "quant_conv.", "post_quant_conv.", "decoder.conv_in.")):
-                continue
-            state[key].copy_(value)
-        conv_out_w, conv_out_b = state["encoder.conv_out.weight"], state["encoder.conv_out.bias"]
-        conv_out_w[rows], conv_out_b[rows] = own["encoder.conv_out.weight"], own["encoder.conv_out.bias"]
-        conv_out_w[new_mean] *= 0.1  # a fresh start for the detail channels, small beside the old ones
-        conv_out_b[new_mean] = 0
-        conv_out_w[new_logvar], conv_out_b[new_logvar] = 0, 0
-        q_w, q_b = state["quant_conv.weight"], state["quant_conv.bias"]
-        q_w.zero_(), q_b.zero_()
-        q_w[rows[:, None], rows[None, :]] = own["quant_conv.weight"]
-        q_b[rows] = own["quant_conv.bias"]
-        q_w[new_mean, new_mean] = 1
-        q_b[new_logvar] = -6.0  # a small posterior std, as the vae stage starts
-        p_w, p_b = state["post_quant_conv.weight"], state["post_quant_conv.bias"]
-        p_w.zero_(), p_b.zero_()
-        p_w[:old_c, :old_c], p_b[:old_c] = own["post_quant_conv.weight"], own["post_quant_conv.bias"]
-        p_w[new_mean, new_mean] = 1
-        d_w = state["decoder.conv_in.weight"]
-        d_w.zero_()
-        d_w[:, :old_c] = own["decoder.conv_in.weight"]
-        state["decoder.conv_in.bias"].copy_(own["decoder.conv_in.bias"])
-    wide.load_state_dict(state)
-    return wide
-
-
-def pretrain_vae_detail(workdir: Path, out: Path, settings: StageSettings, latent_channels: int = 8,
-                        n_per_part: int = 6000, anchor_weight: float = 10.0, device: str = "cpu") -> dict:
-    """Give the VAE more latent channels at the same 8x8 grid, trained on the whole world's pixels.
-
-    Four channels per 4x4-pixel cell do not carry a concept's dot, band or rim, nor a 32-px pattern
-    (measured: `tools/vae_capacity.py`), and no method learns what the decoder cannot draw. The
-    denoiser was trained on the first channels, so those stay (their mean latents are pulled to the
-    starting VAE's on every picture, anchor_weight in units of their variance); the new channels are
-    free, and the decoder learns to use them. At the end the new channels are rescaled (an exact
-    reparametrisation of the 1x1 convolutions around the latent) to the old channels' spread, so
-    one scaling factor still gives unit-variance latents."""
-    import copy
-
-    from diffusers import AutoencoderKL
-
-    start = workdir / "vae_detail" / "start_vae"
-    if not (start / "config.json").exists():  # the VAE this stage widens and anchors to, kept for resumes
-        AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).save_pretrained(start, safe_serialization=True)
-    first = AutoencoderKL.from_pretrained(start, torch_dtype=torch.float32).eval().requires_grad_(False).to(device)
-    old_c = first.config.latent_channels
-    torch.manual_seed(settings.seed)
-    vae = widen_vae(first, latent_channels).to(device)
-    images, weights = whole_world_pixels(workdir, n_per_part)
-    n_parts, per = len(VAE_WORLD_MIX), max(1, settings.batch_size // len(VAE_WORLD_MIX))
-
-    def loss_fn(step, g):
-        idx = torch.cat([_batch(n_per_part, per, g) * n_parts + j for j in range(n_parts)])
-        x, w = images[idx].to(device), weights[idx].to(device)
-        posterior, l1, mse, edge = _vae_reconstruction(vae, x, w, g)
-        with torch.no_grad():
-            anchor_to = first.encode(x).latent_dist.mean
-        anchor = (posterior.mean[:, :old_c] - anchor_to).pow(2).mean() / anchor_to.var()
-        kl = posterior.kl().mean() / x[0].numel()
-        return l1 + mse + edge + anchor_weight * anchor + 1e-4 * kl, {"l1": round(l1.item(), 5), "anchor": round(anchor.item(), 6)}
-
-    result = run_stage("vae_detail", workdir, vae, list(vae.parameters()), settings, loss_fn)
-    vae.eval().cpu()
-    first.cpu()
-    with torch.no_grad():
-        probe = images[: 3 * 300 : 3]  # pre-training scenes
-        a, b = first.encode(probe).latent_dist.mean, vae.encode(probe).latent_dist.mean
-        result["pretraining_latent_shift"] = float((a - b[:, :old_c]).pow(2).mean() / a.var())
-        whole = vae.encode(images[:3000]).latent_dist.mean
-        gain = (whole[:, :old_c].std() / whole[:, old_c:].std(dim=(0, 2, 3))).clamp(max=100.0)
-        new = torch.arange(old_c, latent_channels)
-        vae.quant_conv.weight[new] *= gain[:, None, None, None]
-        vae.quant_conv.bias[new] *= gain
-        vae.quant_conv.bias[new + latent_channels] += 2 * torch.log(gain)
-        vae.post_quant_conv.weight[:, new] /= gain[None, :, None, None]
-        result["detail_gain"] = [round(float(v), 3) for v in gain]
-    from ..files import replace_folder
-
-    def write(folder: Path) -> None:
-        vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-        config = json.loads((folder / "config.json").read_text())
-        config.pop("_name_or_path", None)
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    replace_folder(out / "vae", write)
-    return result
-
-
-def widen_unet(unet, channels: int):
-    """The same denoiser for `channels` latent channels, the first ones its own: the new input
-    channels start ignored and the new output channels start at zero."""
-    from diffusers import UNet2DConditionModel
-
-    old_c = unet.config.in_channels
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    wide = UNet2DConditionModel(**{**config, "in_channels": channels, "out_channels": channels})  # float32
-    own, state = unet.state_dict(), wide.state_dict()
-    with torch.no_grad():
-        for key, value in own.items():
-            if key == "conv_in.weight":
-                state[key].zero_()
-                state[key][:, :old_c] = value
-            elif key.startswith("conv_out."):
-                state[key].zero_()
-                state[key][:old_c] = value
-            else:
-                state[key].copy_(value)
-    wide.load_state_dict(state)
-    return wide
 
 
 def pretrain_oracle(workdir: Path, out: Path, settings: StageSettings, n_train: int = 60000, device: str = "cpu",
