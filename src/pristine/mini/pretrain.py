@@ -195,25 +195,7 @@ def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings
     # autoencoder learns textured backgrounds long before shapes and colors
     masks = torch.from_numpy(np.load(corpus)["masks"])[:, None].float()
     weights = 1 + 4 * F.max_pool2d(masks, 3, stride=1, padding=1)
-    torch.manual_seed(settings.seed)
-    vae = arch.new_vae()
-    with torch.no_grad():  # start with a small posterior std: unit noise on fresh latents drowns them
-        vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
-    vae.to(device)
-
-    def loss_fn(step, g):
-        idx = _batch(len(images), settings.batch_size, g)
-        x, w = images[idx].to(device), weights[idx].to(device)
-        posterior, l1, mse, edge = _vae_reconstruction(vae, x, w, g)
-        kl = posterior.kl().mean() / x[0].numel()
-        return l1 + mse + edge + 1e-4 * kl, {"l1": round(l1.item(), 5), "kl": round(kl.item(), 4)}
-
-    run_stage("vae", workdir, vae, list(vae.parameters()), settings, loss_fn)
-    vae.eval().cpu()
-    with torch.no_grad():  # unit-variance latents, as Stable Diffusion's scaling factor gives
-        z = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, min(4000, len(images)), 500)])
-    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
+    _train_fresh_vae("vae", workdir, out, images, weights, arch.LATENT_SIZE, settings, device, scale_on=4000)
 
 
 def pretrain_vae16(workdir: Path, out: Path, settings: StageSettings, n_per_part: int = 6000, device: str = "cpu") -> None:
@@ -222,8 +204,15 @@ def pretrain_vae16(workdir: Path, out: Path, settings: StageSettings, n_per_part
     concept markings, the retro style), with the vae stage's loss. A new latent space: the denoiser
     stages that follow train on it (unet-joint warm-starts from the model folder's UNet)."""
     images, weights = whole_world_pixels(workdir, n_per_part)
+    _train_fresh_vae("vae16", workdir, out, images, weights, 16, settings, device, scale_on=4500)
+
+
+def _train_fresh_vae(stage: str, workdir: Path, out: Path, images: torch.Tensor, weights: torch.Tensor, latent_size: int,
+                     settings: StageSettings, device: str, scale_on: int) -> None:
+    """A new autoencoder on `images` (pixel weights `weights`): weighted L1 + MSE, image gradients,
+    KL 1e-4 per element; the scaling factor from the first `scale_on` images' latents."""
     torch.manual_seed(settings.seed)
-    vae = arch.new_vae(16)
+    vae = arch.new_vae(latent_size)
     with torch.no_grad():  # start with a small posterior std: unit noise on fresh latents drowns them
         vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
     vae.to(device)
@@ -235,17 +224,22 @@ def pretrain_vae16(workdir: Path, out: Path, settings: StageSettings, n_per_part
         kl = posterior.kl().mean() / x[0].numel()
         return l1 + mse + edge + 1e-4 * kl, {"l1": round(l1.item(), 5), "kl": round(kl.item(), 4)}
 
-    run_stage("vae16", workdir, vae, list(vae.parameters()), settings, loss_fn)
+    run_stage(stage, workdir, vae, list(vae.parameters()), settings, loss_fn)
     vae.eval().cpu()
     with torch.no_grad():  # unit-variance latents, as Stable Diffusion's scaling factor gives
-        z = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, min(4500, len(images)), 500)])
+        z = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, min(scale_on, len(images)), 500)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    _write_vae(vae, out)
+
+
+def _write_vae(vae, out: Path) -> None:
+    """out/vae in float16, replaced whole (a stop mid-write leaves the old folder)."""
     from ..files import replace_folder
 
     def write(folder: Path) -> None:
         vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
         config = json.loads((folder / "config.json").read_text())
-        config.pop("_name_or_path", None)
+        config.pop("_name_or_path", None)  # a workdir's path, meaningless where the model ships
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     replace_folder(out / "vae", write)
@@ -796,15 +790,7 @@ def pretrain_vae_world(workdir: Path, out: Path, settings: StageSettings, n_per_
         probe = images[: 3 * 300 : 3]  # pre-training scenes
         a, b = first.cpu().encode(probe).latent_dist.mean, vae.encode(probe).latent_dist.mean
         result["pretraining_latent_shift"] = float((a - b).pow(2).mean() / a.var())
-    from ..files import replace_folder
-
-    def write(folder: Path) -> None:
-        vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-        config = json.loads((folder / "config.json").read_text())
-        config.pop("_name_or_path", None)  # the workdir's path, meaningless where the model ships
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    replace_folder(out / "vae", write)
+    _write_vae(vae, out)
     return result
 
 
