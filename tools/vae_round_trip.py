@@ -29,7 +29,8 @@ for i, p in enumerate(("pretraining", "full", "marked")):
     if p == "pretraining":
         with torch.no_grad():
             a, b = old.encode(x).latent_dist.mean, new.encode(x).latent_dist.mean
-        res["pretraining_latent_shift"] = float((a - b[:, : a.shape[1]]).pow(2).mean() / a.var())  # the first channels, when the second is wider
+        if a.shape[2:] == b.shape[2:]:  # the first channels, when the second is wider; another grid is another latent space
+            res["pretraining_latent_shift"] = float((a - b[:, : a.shape[1]]).pow(2).mean() / a.var())
     if p == "full":  # the retro style alone
         from dataclasses import replace
         retro = replace(s, styles=("retro",), style_probs=None) if hasattr(s, "styles") else None
