@@ -294,7 +294,7 @@ def test_pristine_mini_dir_points_every_command_at_another_model_folder(tmp_path
     assert len(err) == 1 and "PRISTINE_MINI_DIR" in err[0] and "nowhere" in err[0]
 
 
-def test_vae16_then_the_denoiser_gives_a_model_of_16x16_latents_that_draws_32_px(tmp_path):
+def test_vae16_then_the_denoiser_gives_a_model_of_16x16_latents_that_draws_32_px(tmp_path, star_images, monkeypatch):
     """v3's recipe on tiny steps: vae16 writes a 4x16x16 autoencoder, unet-joint warm-starts the
     model folder's UNet on its latents, and the folder loads and draws 32-px pictures with no size
     given (the UNet's sample_size follows the grid)."""
@@ -311,3 +311,13 @@ def test_vae16_then_the_denoiser_gives_a_model_of_16x16_latents_that_draws_32_px
     assert tuple(latents.shape) == (1, 4, 16, 16)
     image = pipe("a big red star", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
+    # every method's trainer and sampler take the new grid from the folder (PRISTINE_MINI_DIR)
+    monkeypatch.setenv("PRISTINE_MINI_DIR", str(out))
+    run = tmp_path / "lora"
+    assert main(["train", "--model", "mini", "--images", str(star_images), "--token", "<v1>", "--class-word", "star",
+                 "--method", "lora", "--steps", "2", "--out", str(run)]) == 0
+    assert main(["sample", "--adapter", str(run), "--prompt", "a photo of <v1> star", "--n", "1", "--steps", "2",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid-00-seed0.png").size == (32, 32)
