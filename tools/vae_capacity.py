@@ -19,37 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 
 import pristine.mini as mini
 from pristine.eval.oracle_metrics import concept_hits
 from pristine.mini import architecture as arch
-from pristine.mini.pretrain import (StageSettings, _batch, _vae_reconstruction, _world_part, run_stage,
-                                    whole_world_pixels)
+from pristine.mini.pretrain import StageSettings, _world_part, fit_fresh_vae, whole_world_pixels
 from pristine.world.concepts import DEV_CONCEPTS
 from pristine.world.render import render
+from vae_io import round_trip, to_tensor, to_uint8
 
 VARIANTS = {
-    "base": {},
-    "ch8": {"latent_channels": 8},
-    "ch16": {"latent_channels": 16},
-    "wide": {"block_out_channels": (64, 128, 128), "layers_per_block": 2, "norm_num_groups": 32},
-    "f2": {"block_out_channels": (32, 64), "down_block_types": ("DownEncoderBlock2D",) * 2,
-           "up_block_types": ("UpDecoderBlock2D",) * 2},
+    "base": arch.VAE_CONFIG,
+    "ch8": {**arch.VAE_CONFIG, "latent_channels": 8},
+    "ch16": {**arch.VAE_CONFIG, "latent_channels": 16},
+    "wide": {**arch.VAE_CONFIG, "block_out_channels": (64, 128, 128), "layers_per_block": 2, "norm_num_groups": 32},
+    "f2": arch.VAE16_CONFIG,
 }
-
-
-def tensors(images):
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
-
-
-def round_trip(vae, x):
-    with torch.no_grad():
-        return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-
-
-def uint8(x):
-    return list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
 
 
 def main():
@@ -67,21 +52,8 @@ def main():
     work = args.workdir / args.variant
     work.mkdir(parents=True, exist_ok=True)
     images, weights = whole_world_pixels(args.pixels, 6000)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**{**arch.VAE_CONFIG, **VARIANTS[args.variant]})
-    with torch.no_grad():  # a small posterior std at the start, as the vae stage does
-        vae.quant_conv.bias[vae.config.latent_channels:] = -6.0
     settings = StageSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-
-    def loss_fn(step, g):
-        idx = _batch(len(images), settings.batch_size, g)
-        x, w = images[idx], weights[idx]
-        posterior, l1, mse, edge = _vae_reconstruction(vae, x, w, g)
-        kl = posterior.kl().mean() / x[0].numel()
-        return l1 + mse + edge + 1e-4 * kl, {"l1": round(l1.item(), 5)}
-
-    trained = run_stage("vae", work, vae, list(vae.parameters()), settings, loss_fn)
-    vae.eval()
+    vae, trained = fit_fresh_vae("vae", work, images, weights, VARIANTS[args.variant], settings)
     t0 = time.time()
     oracle = mini.load_oracle()
     result = {"variant": args.variant, "steps": trained["step"], "train_wall_s": trained["wall"],
@@ -90,12 +62,12 @@ def main():
     for i, part in enumerate(("pretraining", "full", "marked")):
         rng = np.random.default_rng(999 + i)
         sampler = _world_part(part)
-        x = tensors([render(sampler.sample(rng))[0] for _ in range(300)])
+        x = to_tensor([render(sampler.sample(rng))[0] for _ in range(300)])
         result[f"l1_{part}"] = round((round_trip(vae, x) - x).abs().mean().item() / 2, 4)  # 0-1 scale
     hits = {}
     for concept in DEV_CONCEPTS:
-        x = tensors([render(s)[0] for s in concept.references(12)])
-        hits[concept.name] = round(float(concept_hits(oracle, uint8(round_trip(vae, x)), concept).mean()), 2)
+        x = to_tensor([render(s)[0] for s in concept.references(12)])
+        hits[concept.name] = round(float(concept_hits(oracle, to_uint8(round_trip(vae, x)), concept).mean()), 2)
     result["fidelity_per_concept"] = hits
     result["fidelity_dev"] = round(float(np.mean(list(hits.values()))), 3)
     result["eval_wall_s"] = round(time.time() - t0, 1)

@@ -5,28 +5,23 @@ oracle reads the word in the renders, then in each VAE's round trip. Prints JSON
 
     .venv/bin/python tools/vae_patterns.py FIRST_VAE_FOLDER SECOND_VAE_FOLDER
 """
-import sys, json, itertools
+import sys, json
 import numpy as np, torch
 from diffusers import AutoencoderKL
 import pristine.mini as m
 from pristine.world.scene import Scene, WorldObject
 from pristine.world.render import render
+from pristine.world.vocab import BACKGROUNDS, SHAPES
+from vae_io import round_trip, to_tensor, to_uint8
 oracle = m.load_oracle()
 vaes = [AutoencoderKL.from_pretrained(p, torch_dtype=torch.float32).eval() for p in sys.argv[1:3]]
-rng = np.random.default_rng(7)
-shapes = ("circle", "square", "triangle", "star", "heart", "diamond", "hexagon", "cross")
 colors = ("red", "blue", "green", "yellow", "purple", "orange")
-bgs = ("white", "night", "grass", "sky", "sand", "water", "wood", "brick")
+def read_as(word, pictures): return float(np.mean([any(o["pattern"] == word for o in r["objects"]) for r in oracle.read(pictures)]))
 res = {}
 for word in ("zigzag", "gradient", "striped", "dotted", "checkered"):
-    scenes = [Scene((WorldObject(shapes[i % 8], colors[i % 6], "big", "center", pattern=word),), bgs[(i // 8) % 8], "plain", i) for i in range(48)]
+    scenes = [Scene((WorldObject(SHAPES[i % 8], colors[i % 6], "big", "center", pattern=word),), BACKGROUNDS[(i // 8) % 8], "plain", i) for i in range(48)]
     ims = [render(s)[0] for s in scenes]
-    x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
-    row = [float(np.mean([any(o["pattern"] == word for o in r["objects"]) for r in oracle.read(ims)]))]
-    for v in vaes:
-        with torch.no_grad():
-            y = v.decode(v.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        out = list(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-        row.append(float(np.mean([any(o["pattern"] == word for o in r["objects"]) for r in oracle.read(out)])))
+    x = to_tensor(ims)
+    row = [read_as(word, ims)] + [read_as(word, to_uint8(round_trip(v, x))) for v in vaes]
     res[word] = [round(r, 3) for r in row]
 print(json.dumps(res))

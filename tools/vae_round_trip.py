@@ -12,15 +12,11 @@ from pristine.mini.pretrain import _world_part
 from pristine.world.render import render
 from pristine.world.concepts import DEV_CONCEPTS
 from pristine.eval.oracle_metrics import concept_hits
+from vae_io import round_trip as rt, to_tensor as tens, to_uint8 as u8
 
 old = AutoencoderKL.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
 new = AutoencoderKL.from_pretrained(sys.argv[2], torch_dtype=torch.float32).eval()
 oracle = m.load_oracle()
-def tens(ims): return torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
-def rt(model, x):
-    with torch.no_grad():
-        return model.decode(model.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-def u8(x): return list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
 res = {}
 for i, p in enumerate(("pretraining", "full", "marked")):
     rng = np.random.default_rng(999 + i); s = _world_part(p)

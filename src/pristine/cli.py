@@ -174,15 +174,14 @@ def cmd_mini_pretrain(args) -> None:
         P.export_denoiser(workdir, out, args.stage.replace("-", "_"))
         print(f"exported the latest {args.stage} checkpoint's EMA weights to {out}")
         return
+    # vae16 and vae-world: --corpus-size is the whole-world renders they train on (default 18,000, a third per part)
+    world_per_part = max(1, (args.corpus_size or 18000) // 3)
     if args.stage == "vae16":
-        # --corpus-size: the whole-world renders it trains on (default 18,000, a third per part)
-        P.pretrain_vae16(workdir, out, settings, n_per_part=max(1, (args.corpus_size or 18000) // 3), device=args.device)
+        P.pretrain_vae16(workdir, out, settings, n_per_part=world_per_part, device=args.device)
         print(f"stage vae16 done: {out} (a new latent space: run unet-joint on it next)")
         return
     if args.stage == "vae-world":
-        # --corpus-size: the whole-world renders it trains on (default 18,000, a third per part)
-        print(json.dumps(P.pretrain_vae_world(workdir, out, settings, n_per_part=max(1, (args.corpus_size or 18000) // 3),
-                                              device=args.device), indent=2))
+        print(json.dumps(P.pretrain_vae_world(workdir, out, settings, n_per_part=world_per_part, device=args.device), indent=2))
         print(f"stage vae-world done: {out}")
         return
     tokenizer_dir = _tokenizer_source(args, out) if args.stage == "clip" else None

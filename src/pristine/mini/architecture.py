@@ -76,10 +76,10 @@ VISION_CONFIG = dict(
 )
 
 
-def new_vae(latent_size: int = LATENT_SIZE):
+def new_vae(config: dict = VAE_CONFIG):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**{8: VAE_CONFIG, 16: VAE16_CONFIG}[latent_size])
+    return AutoencoderKL(**config)
 
 
 def latent_size(vae_config) -> int:

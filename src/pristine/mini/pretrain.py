@@ -195,7 +195,7 @@ def pretrain_vae(workdir: Path, out: Path, corpus: Path, settings: StageSettings
     # autoencoder learns textured backgrounds long before shapes and colors
     masks = torch.from_numpy(np.load(corpus)["masks"])[:, None].float()
     weights = 1 + 4 * F.max_pool2d(masks, 3, stride=1, padding=1)
-    _train_fresh_vae("vae", workdir, out, images, weights, arch.LATENT_SIZE, settings, device, scale_on=4000)
+    _train_fresh_vae("vae", workdir, out, images, weights, arch.VAE_CONFIG, settings, device, scale_on=4000)
 
 
 def pretrain_vae16(workdir: Path, out: Path, settings: StageSettings, n_per_part: int = 6000, device: str = "cpu") -> None:
@@ -204,15 +204,25 @@ def pretrain_vae16(workdir: Path, out: Path, settings: StageSettings, n_per_part
     concept markings, the retro style), with the vae stage's loss. A new latent space: the denoiser
     stages that follow train on it (unet-joint warm-starts from the model folder's UNet)."""
     images, weights = whole_world_pixels(workdir, n_per_part)
-    _train_fresh_vae("vae16", workdir, out, images, weights, 16, settings, device, scale_on=4500)
+    _train_fresh_vae("vae16", workdir, out, images, weights, arch.VAE16_CONFIG, settings, device, scale_on=4500)
 
 
-def _train_fresh_vae(stage: str, workdir: Path, out: Path, images: torch.Tensor, weights: torch.Tensor, latent_size: int,
+def _train_fresh_vae(stage: str, workdir: Path, out: Path, images: torch.Tensor, weights: torch.Tensor, config: dict,
                      settings: StageSettings, device: str, scale_on: int) -> None:
-    """A new autoencoder on `images` (pixel weights `weights`): weighted L1 + MSE, image gradients,
-    KL 1e-4 per element; the scaling factor from the first `scale_on` images' latents."""
+    """fit_fresh_vae, then the scaling factor from the first `scale_on` images' latents, and out/vae."""
+    vae, _ = fit_fresh_vae(stage, workdir, images, weights, config, settings, device)
+    with torch.no_grad():  # unit-variance latents, as Stable Diffusion's scaling factor gives
+        z = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, min(scale_on, len(images)), 500)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    _write_vae(vae, out)
+
+
+def fit_fresh_vae(stage: str, workdir: Path, images: torch.Tensor, weights: torch.Tensor, config: dict,
+                  settings: StageSettings, device: str = "cpu") -> tuple:
+    """A new autoencoder of `config` trained on `images` (pixel weights `weights`): weighted L1 + MSE,
+    image gradients, KL 1e-4 per element. Returns it (float32, eval, on the CPU) and run_stage's result."""
     torch.manual_seed(settings.seed)
-    vae = arch.new_vae(latent_size)
+    vae = arch.new_vae(config)
     with torch.no_grad():  # start with a small posterior std: unit noise on fresh latents drowns them
         vae.quant_conv.bias[vae.config.latent_channels :] = -6.0
     vae.to(device)
@@ -224,12 +234,8 @@ def _train_fresh_vae(stage: str, workdir: Path, out: Path, images: torch.Tensor,
         kl = posterior.kl().mean() / x[0].numel()
         return l1 + mse + edge + 1e-4 * kl, {"l1": round(l1.item(), 5), "kl": round(kl.item(), 4)}
 
-    run_stage(stage, workdir, vae, list(vae.parameters()), settings, loss_fn)
-    vae.eval().cpu()
-    with torch.no_grad():  # unit-variance latents, as Stable Diffusion's scaling factor gives
-        z = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, min(scale_on, len(images)), 500)])
-    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    _write_vae(vae, out)
+    result = run_stage(stage, workdir, vae, list(vae.parameters()), settings, loss_fn)
+    return vae.eval().cpu(), result
 
 
 def _write_vae(vae, out: Path) -> None:
