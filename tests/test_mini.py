@@ -305,7 +305,8 @@ def test_vae16_then_the_denoiser_gives_a_model_of_16x16_latents_that_draws_32_px
     common = ["--corpus-size", "64", "--workdir", str(work), "--out", str(out), "--batch-size", "8"]
     assert main(["mini", "pretrain", "--stage", "vae16", "--steps", "2", *common]) == 0
     assert main(["mini", "pretrain", "--stage", "unet-joint", "--steps", "2", *common]) == 0
-    assert json.loads((out / "unet" / "config.json").read_text())["sample_size"] == 16
+    unet_config = json.loads((out / "unet" / "config.json").read_text())
+    assert unet_config["sample_size"] == 16 and len(unet_config["block_out_channels"]) == 4  # grown: one more level
     pipe = mini.load_pipeline(out)
     latents = pipe("a big red star", num_inference_steps=2, output_type="latent").images
     assert tuple(latents.shape) == (1, 4, 16, 16)
@@ -321,3 +322,31 @@ def test_vae16_then_the_denoiser_gives_a_model_of_16x16_latents_that_draws_32_px
     from PIL import Image
 
     assert Image.open(tmp_path / "grid-00-seed0.png").size == (32, 32)
+
+
+def test_grown_unet_computes_what_the_8x8_one_did_on_its_inner_levels():
+    """v3's warm start: every level of v2's denoiser, moved one level in, gives the same output for
+    the same input; the grown model takes 16x16 latents and returns 16x16 predictions."""
+    from pristine.mini import architecture as arch
+
+    torch.manual_seed(0)
+    small = arch.new_unet(8).eval()
+    for p in small.parameters():  # not the init's zeros: every weight must reach its new place
+        p.data.normal_(0, 0.05)
+    grown = arch.grow_unet(small).eval()
+    h, temb = torch.randn(2, 64, 8, 8), torch.randn(2, 256)
+    text = torch.randn(2, 77, arch.TEXT_WIDTH)
+    with torch.no_grad():
+        a, a_skips = small.down_blocks[0](h, temb, encoder_hidden_states=text)
+        b, b_skips = grown.down_blocks[1](h, temb, encoder_hidden_states=text)
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(a_skips, b_skips))
+        m = torch.randn(2, 192, 2, 2)
+        assert torch.equal(small.mid_block(m, temb, encoder_hidden_states=text),
+                           grown.mid_block(m, temb, encoder_hidden_states=text))
+        up_in, skips = torch.randn(2, 192, 2, 2), (torch.randn(2, 128, 2, 2), torch.randn(2, 192, 2, 2))
+        assert torch.equal(small.up_blocks[0](up_in, skips, temb, encoder_hidden_states=text),
+                           grown.up_blocks[0](up_in, skips, temb, encoder_hidden_states=text))
+        out = grown(torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), text).sample
+    assert out.shape == (2, 4, 16, 16) and grown.config.sample_size == 16
+    with pytest.raises(ValueError, match="cannot grow"):
+        arch.grow_unet(grown)

@@ -561,12 +561,8 @@ def pretrain_denoiser(workdir: Path, out: Path, corpus: Path, settings: StageSet
 
         for part in ("unet", "text_encoder") if warm_start else ("text_encoder",):
             shutil.copytree(out / part, init / part)
-        if warm_start:  # a denoiser of another latent grid starts from the same weights (convolutions and
-            # attention do not depend on the grid); its config's sample_size sets the pipeline's default size
-            config_path = init / "unet" / "config.json"
-            config = json.loads(config_path.read_text())
-            config["sample_size"] = latents.shape[-1]
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if warm_start:
+        _grow_to_grid(init / "unet", latents.shape[-1])
     tokenizer = load_tokenizer(out / "tokenizer")
     ids = tokenize(tokenizer, captions.reshape(-1)).reshape(len(latents), CAPTIONS_PER_SCENE, 77)
     empty_ids = tokenize(tokenizer, [""])[0]
@@ -602,6 +598,25 @@ def pretrain_denoiser(workdir: Path, out: Path, corpus: Path, settings: StageSet
 
     run_stage(stage, workdir, trained, groups, settings, loss_fn, hooks=ema)
     export_denoiser(workdir, out, stage)
+
+
+def _grow_to_grid(folder: Path, grid: int) -> None:
+    """Give v2's 8x8 denoiser in `folder` v3's 16x16 latent (architecture.grow_unet), in place; a
+    kill at any point leaves either the old or the grown folder, which the next run takes up."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    grown = folder.with_name(folder.name + ".grown")
+    if not folder.exists() and grown.exists():  # killed between the two renames below
+        grown.rename(folder)
+    if json.loads((folder / "config.json").read_text())["sample_size"] == grid:
+        return
+    small = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+    shutil.rmtree(grown, ignore_errors=True)
+    arch.grow_unet(small).save_pretrained(grown, safe_serialization=True)
+    shutil.rmtree(folder)
+    grown.rename(folder)
 
 
 def export_denoiser(workdir: Path, out: Path, stage: str) -> None:
