@@ -182,6 +182,27 @@ def test_swapped_captions_say_one_thing_wrong_in_the_same_words():
         assert len(exchanged) == (a.color != b.color)
 
 
+def test_negatives_are_drawn_by_kind_so_exchanges_between_objects_come_up():
+    """Among some sixty swaps of a two-object scene its one to three exchanges between the objects
+    would be one negative in twenty; drawn kind by kind, three negatives hold one in about a third of
+    the scenes, and the three are of three kinds."""
+    from pristine.mini.clip_reading import caption_with_negatives, swaps_by_kind
+
+    rng, with_exchange, scenes = np.random.default_rng(7), 0, 0
+    while scenes < 60:
+        scene = PRETRAINING_WORLD.sample(rng, n_objects=2)
+        kinds = swaps_by_kind(scene)
+        if "binding" not in kinds:
+            continue
+        scenes += 1
+        _, negatives = caption_with_negatives(scene, 123, 3, rng)
+        kind_of = {caption(s, np.random.default_rng(123)): kind for kind, swaps in kinds.items() for s in swaps}
+        drawn = [kind_of.get(text) for text in negatives]
+        assert len(set(drawn)) == 3, drawn
+        with_exchange += "binding" in drawn
+    assert with_exchange >= 12, with_exchange  # drawn from all swaps alike: about 60 * 3 / 20 = 9
+
+
 def _stage_state(work: Path, stage: str) -> dict:
     from safetensors.torch import load_file
 
