@@ -72,6 +72,32 @@ def test_bench_report_references_files_that_exist(tmp_path, capsys):
     assert main(["bench", "mini", "--methods", "magic", "--out", str(out)]) == 2
 
 
+def test_bench_mini_in_two_processes_draws_what_one_process_draws(tmp_path, capsys):
+    """--workers 2: each process trains and draws its slice of the concepts into the shared folder,
+    then the parent scores the whole; the pictures and the scores are those of one process."""
+    import numpy as np
+
+    from pristine.cli import main
+
+    common = ["bench", "mini", "--methods", "lora", "--concepts", "ember_star,tide_circle", "--seeds", "1",
+              "--sample-steps", "2", "--train-steps", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*common, "--out", str(one)]) == 0
+    assert main([*common, "--out", str(two), "--workers", "2"]) == 0
+    assert sorted(p.name for p in (two / "logs").iterdir()) == ["part-1-of-2.log", "part-2-of-2.log"]
+    for concept in ("ember_star", "tide_circle"):
+        for kind in ("samples/original", "samples/lora"):
+            with np.load(one / kind / f"{concept}.npz") as a, np.load(two / kind / f"{concept}.npz") as b:
+                for key in ("concept", "class", "unrelated"):
+                    if key in a.files:  # one CPU thread against two: sums in another order, a pixel may move by 1
+                        assert np.abs(a[key].astype(int) - b[key].astype(int)).max() <= 1, (concept, kind, key)
+    records = [json.loads((d / "results.json").read_text())["records"] for d in (one, two)]
+    assert len(records[0]) == len(records[1]) > 0
+    assert [(r["concept"], r["kind"]) for r in records[0]] == [(r["concept"], r["kind"]) for r in records[1]]
+    assert main([*common, "--out", str(two), "--part", "3/2"]) == 2
+    assert "--part" in capsys.readouterr().err
+
+
 def test_bench_steps_variants_are_checked_before_anything_is_written(tmp_path, capsys):
     from pristine.cli import main
 

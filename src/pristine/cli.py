@@ -425,7 +425,8 @@ def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
 
 
 def cmd_bench_mini(args) -> None:
-    from .eval.minibench import BenchSettings, concept_set, run_bench
+    from .eval.minibench import BenchSettings, claim_folder, concept_set, pieces_done, run_bench
+    from .eval.parts import parse_part, run_parts
 
     methods = _bench_methods(args.methods)
     try:
@@ -434,8 +435,29 @@ def cmd_bench_mini(args) -> None:
         raise UsageError(f"--concepts: {e.args[0]}")
     settings = BenchSettings(methods, concepts, seeds=args.seeds or (2 if args.quick else 4),
                              sample_steps=args.sample_steps or (20 if args.quick else 30),
-                             train_steps=args.train_steps or (80 if args.quick else None))
-    print(f"report: {run_bench(Path(args.out), settings)}")
+                             train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
+    out = Path(args.out)
+    if settings.part is not None:
+        run_bench(out, settings)
+        print(f"part {args.part} drawn in {out}")
+        return
+    if args.workers > 1:
+        claim_folder(out)
+        run_parts(_without_workers(args.argv), args.workers, out, lambda: pieces_done(out, settings))
+    print(f"report: {run_bench(out, settings)}")
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """The command line again, for the worker processes."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--workers":
+            skip = True
+        elif not token.startswith("--workers="):
+            out.append(token)
+    return out
 
 
 def cmd_bench_domain(args) -> None:
@@ -846,6 +868,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--seeds", type=_positive("--seeds"))
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
+    bm.add_argument("--workers", type=_positive("--workers"), default=1,
+                    help="processes that train and draw the concepts in parallel, one CPU thread each on a CPU "
+                         "(default 1); the same pictures as one process")
+    bm.add_argument("--part", metavar="I/N", help="train and draw only the I-th of N slices of the concepts, no report "
+                                                  "(what each --workers process runs; parts may share one --out)")
     bm.set_defaults(func=cmd_bench_mini)
     bd = bench.add_parser("domain", help="MiniBench's domain task: the held-out style retro from its uncaptioned set "
                                          "(trigger LoRA, trigger DreamBooth, concept model + GCFG)")
@@ -985,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         if extra:
             raise UsageError(unknown_argument_message(getattr(args, "_command_parser", parser), extra))
         args.func(args)

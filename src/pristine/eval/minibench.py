@@ -142,6 +142,7 @@ class BenchSettings:
     sample_steps: int = 30
     guidance: float = 5.0
     train_steps: int | None = None  # overrides the budget's steps per stage (quick runs)
+    part: tuple[int, int] | None = None  # (i, n): train and draw only every n-th concept from the i-th, no report
 
 
 def concept_set(name: str) -> list[Concept]:
@@ -364,6 +365,12 @@ def _save_cached(path: Path, fingerprint: str, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
+def pieces_done(out: Path, settings: BenchSettings) -> str:
+    """How far a bench folder is: (method, concept) pieces drawn, of all."""
+    drawn = sum((out / "samples" / m / f"{c.name}.npz").is_file() for m in settings.methods for c in settings.concepts)
+    return f"{drawn} of {len(settings.methods) * len(settings.concepts)} (method, concept) pieces drawn"
+
+
 def run_bench(out: Path, settings: BenchSettings) -> Path:
     """Train, draw and score every (method, concept); finished pieces are kept on disk, so a run that
     stops resumes where it was and a later run with more methods only does the new ones."""
@@ -373,6 +380,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
     from ..sample import generate, load_pipeline
     from ..train import TrainConfig, train
     from ..world.export import write_concept_folder
+    from .parts import my_slice
 
     claim_folder(out)
     judges = Judges()
@@ -388,7 +396,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
         return generate(pipe, all_prompts, seeds * len(prompts), steps=settings.sample_steps,
                         guidance=settings.guidance, desc=desc, batch=len(all_prompts))
 
-    for concept in settings.concepts:
+    for concept in my_slice(settings.concepts, settings.part):
         scenes, concept_prompts, class_prompts = prompts_for(concept)
         images_dir = write_concept_folder(concept, TOKEN, out / "data" / concept.name)
         original_file = out / "samples" / "original" / f"{concept.name}.npz"
@@ -422,6 +430,8 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
             grids[concept.name][method] = custom["concept"]
             for r in score_concept(judges, concept, scenes, concept_prompts, class_prompts, seeds, original, custom):
                 records.append({"method": method, "concept": concept.name, **r})
+    if settings.part is not None:  # the parent process scores the whole
+        return out
     results = {
         "settings": {"methods": settings.methods, "concepts": [c.name for c in settings.concepts], "seeds": seeds,
                      "sample_steps": settings.sample_steps, "guidance": settings.guidance,
