@@ -314,6 +314,8 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
                                                   "--lora-scale", "0.5", "--out", NEW + ".png"], ["--lora-scale"]),
     "bench_context_unknown_row": (lambda w: ["bench", "context", "--rows", "lora,magic", "--out", NEW], ["--rows", "magic"]),
     "bench_context_agg_time": (lambda w: ["bench", "context", "--agg-time", "2", "--out", NEW], ["--agg-time", "2"]),
+    "bench_mini_part": (lambda w: ["bench", "mini", "--part", "3/2", "--out", NEW], ["--part", "3/2"]),
+    "bench_context_part": (lambda w: ["bench", "context", "--part", "0/2", "--out", NEW], ["--part", "0/2"]),
         "ema_decay_one": (lambda w: _train(w, "star", "--ema-decay", "1", "--out", NEW), ["ema_decay"]),
     "text_free_with_prior": (lambda w: _train(w, "star", "--method", "concept_centric", "--prior-preservation", "--out", NEW),
                              ["prior_preservation", "concept_centric"]),

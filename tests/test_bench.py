@@ -98,6 +98,18 @@ def test_bench_mini_in_two_processes_draws_what_one_process_draws(tmp_path, caps
     assert "--part" in capsys.readouterr().err
 
 
+def test_bench_context_in_two_processes_scores_every_concept(tmp_path):
+    from pristine.cli import main
+
+    out = tmp_path / "context"
+    assert main(["bench", "context", "--rows", "lora,lora_dci", "--concepts", "ember_star,tide_circle", "--seeds", "1",
+                 "--sample-steps", "2", "--train-steps", "2", "--out", str(out), "--workers", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for row in ("lora", "lora_dci"):
+        assert {r["concept"] for r in results["records"][row]} == {"ember_star", "tide_circle"}
+    assert (out / "table.md").is_file() and len(list((out / "logs").iterdir())) == 2
+
+
 def test_bench_steps_variants_are_checked_before_anything_is_written(tmp_path, capsys):
     from pristine.cli import main
 

@@ -425,8 +425,8 @@ def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
 
 
 def cmd_bench_mini(args) -> None:
-    from .eval.minibench import BenchSettings, claim_folder, concept_set, pieces_done, run_bench
-    from .eval.parts import parse_part, run_parts
+    from .eval.minibench import BenchSettings, concept_set, pieces_done, run_bench
+    from .eval.parts import parse_part
 
     methods = _bench_methods(args.methods)
     try:
@@ -437,14 +437,24 @@ def cmd_bench_mini(args) -> None:
                              sample_steps=args.sample_steps or (20 if args.quick else 30),
                              train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
     out = Path(args.out)
-    if settings.part is not None:
-        run_bench(out, settings)
+    if not _in_parts(args, out, lambda: run_bench(out, settings), lambda: pieces_done(out, settings)):
+        print(f"report: {run_bench(out, settings)}")
+
+
+def _in_parts(args, out: Path, run, done) -> bool:
+    """--part: run this slice and say so (True: nothing more to do); --workers N: run the N slices in
+    N processes first, then the caller scores the whole from the folder."""
+    from .eval.minibench import claim_folder
+    from .eval.parts import run_parts
+
+    if args.part is not None:
+        run()
         print(f"part {args.part} drawn in {out}")
-        return
+        return True
     if args.workers > 1:
         claim_folder(out)
-        run_parts(_without_workers(args.argv), args.workers, out, lambda: pieces_done(out, settings))
-    print(f"report: {run_bench(out, settings)}")
+        run_parts(_without_workers(args.argv), args.workers, out, done)
+    return False
 
 
 def _without_workers(argv: list[str]) -> list[str]:
@@ -487,7 +497,8 @@ def cmd_bench_guidance(args) -> None:
 
 def cmd_bench_context(args) -> None:
     from .eval.minibench import concept_set
-    from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, run_context_bench
+    from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, pieces_done, run_context_bench
+    from .eval.parts import parse_part
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for row in rows:
@@ -505,8 +516,10 @@ def cmd_bench_context(args) -> None:
     settings = ContextBenchSettings(rows, concepts, seeds=args.seeds or (2 if args.quick else 4),
                                     sample_steps=args.sample_steps or (20 if args.quick else 30),
                                     agg_time=args.agg_time, dci_lambda=args.dci_lambda,
-                                    train_steps=args.train_steps or (80 if args.quick else None))
-    print(f"table: {run_context_bench(Path(args.out), settings)}")
+                                    train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
+    out = Path(args.out)
+    if not _in_parts(args, out, lambda: run_context_bench(out, settings), lambda: pieces_done(out, settings)):
+        print(f"table: {run_context_bench(out, settings)}")
 
 
 def cmd_bench_attribute(args) -> None:
@@ -655,6 +668,14 @@ def cmd_demo(args) -> None:
 
 
 # ---- wiring ----------------------------------------------------------------------------------------
+
+
+def _parts_flags(parser) -> None:
+    parser.add_argument("--workers", type=_positive("--workers"), default=1,
+                        help="processes that train and draw the concepts in parallel, one CPU thread each on a CPU "
+                             "(default 1); the same pictures as one process")
+    parser.add_argument("--part", metavar="I/N", help="train and draw only the I-th of N slices of the concepts, no "
+                                                      "report (what each --workers process runs; parts may share one --out)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -868,11 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--seeds", type=_positive("--seeds"))
     bm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bm.add_argument("--train-steps", type=_positive("--train-steps"))
-    bm.add_argument("--workers", type=_positive("--workers"), default=1,
-                    help="processes that train and draw the concepts in parallel, one CPU thread each on a CPU "
-                         "(default 1); the same pictures as one process")
-    bm.add_argument("--part", metavar="I/N", help="train and draw only the I-th of N slices of the concepts, no report "
-                                                  "(what each --workers process runs; parts may share one --out)")
+    _parts_flags(bm)
     bm.set_defaults(func=cmd_bench_mini)
     bd = bench.add_parser("domain", help="MiniBench's domain task: the held-out style retro from its uncaptioned set "
                                          "(trigger LoRA, trigger DreamBooth, concept model + GCFG)")
@@ -899,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--train-steps", type=_positive("--train-steps"))
     bc.add_argument("--agg-time", type=float, default=0.3, help="DCI rows: the early fraction of the steps (default 0.3)")
     bc.add_argument("--dci-lambda", type=float, default=0.0, help="DCI rows: λ in [-2, 2] (default 0)")
+    _parts_flags(bc)
     bc.set_defaults(func=cmd_bench_context)
     ba = bench.add_parser("attribute", help="MiniBench's attribute task: SPF and LoRA teaching held-out pattern words")
     ba.add_argument("--rows", default="lora,spf,spf_no_text,spf_no_query,spf_no_enhance,spf_no_denoise,spf_incremental")

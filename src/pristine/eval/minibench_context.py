@@ -51,6 +51,12 @@ class ContextBenchSettings:
     agg_time: float = 0.3
     dci_lambda: float = 0.0
     train_steps: int | None = None  # overrides the budgets' steps (quick runs)
+    part: tuple[int, int] | None = None  # (i, n): train and draw only every n-th concept from the i-th, no table
+
+
+def pieces_done(out: Path, settings: ContextBenchSettings) -> str:
+    drawn = sum((out / "samples" / r / f"{c.name}.npz").is_file() for r in settings.rows for c in settings.concepts)
+    return f"{drawn} of {len(settings.rows) * len(settings.concepts)} (row, concept) pieces drawn"
 
 
 def row_training(row: str, train_steps: int | None) -> tuple[str, str, dict]:
@@ -129,6 +135,7 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
     from ..files import atomic_write_text
     from ..train import TrainConfig, train
     from ..world.export import write_concept_folder
+    from .parts import my_slice
 
     claim_folder(out)
     judges = Judges()
@@ -137,7 +144,7 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
                               "agg_time": settings.agg_time, "dci_lambda": settings.dci_lambda,
                               "train_steps": settings.train_steps}, sort_keys=True)
     records, seconds = {r: [] for r in settings.rows}, {r: [] for r in settings.rows}
-    for concept in settings.concepts:
+    for concept in my_slice(settings.concepts, settings.part):
         scenes, prompts, _ = prompts_for(concept)
         images_dir = write_concept_folder(concept, TOKEN, out / "data" / concept.name)
         for row in settings.rows:
@@ -155,6 +162,8 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
             seconds[row].append(float(found["seconds_per_picture"][0]))
             for r in score(judges, concept, scenes, prompts, seeds, list(found["images"])):
                 records[row].append({"concept": concept.name, **r})
+    if settings.part is not None:  # the parent process scores the whole
+        return out
     results = {"settings": {"rows": settings.rows, "concepts": [c.name for c in settings.concepts], "seeds": seeds,
                             "sample_steps": settings.sample_steps, "guidance": settings.guidance,
                             "agg_time": settings.agg_time, "dci_lambda": settings.dci_lambda,
