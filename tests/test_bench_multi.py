@@ -68,3 +68,14 @@ def test_multi_bench_runs_end_to_end_at_tiny_scale(tmp_path):
     assert {r["concept"] for r in results["records"] if r["kind"] == "single"} == {"ember_star", "tide_circle"}
     assert json.loads((tmp_path / "runs" / "clif" / "ember_star+tide_circle" / "log.jsonl").read_text().splitlines()[0])["stage"] == 1
     assert "confusion" in table.read_text() and (tmp_path / "grids" / "ember_star+tide_circle.png").is_file()
+
+
+def test_multi_bench_in_two_processes_scores_every_group(tmp_path):
+    from pristine.cli import main
+
+    groups = "ember_star+tide_circle,mint_square+sunset_heart"
+    assert main(["bench", "multi", "--methods", "lora", "--groups", groups, "--seeds", "1", "--sample-steps", "2",
+                 "--train-steps", "2", "--out", str(tmp_path), "--workers", "2"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {r["group"] for r in results["records"]} == set(groups.split(","))
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["part-1-of-2.log", "part-2-of-2.log"]

@@ -542,7 +542,8 @@ def cmd_bench_attribute(args) -> None:
 
 
 def cmd_bench_multi(args) -> None:
-    from .eval.minibench_multi import MultiSettings, budget, group_set, run_multi
+    from .eval.minibench_multi import MultiSettings, budget, group_set, pieces_done, run_multi
+    from .eval.parts import parse_part
 
     try:
         groups = group_set("quick" if args.quick and args.groups == "dev" else args.groups)
@@ -553,8 +554,10 @@ def cmd_bench_multi(args) -> None:
         budget(m, groups[0])
     settings = MultiSettings(methods, groups, seeds=args.seeds or (2 if args.quick else 4),
                              sample_steps=args.sample_steps or (20 if args.quick else 30),
-                             train_steps=args.train_steps or (40 if args.quick else None))
-    print(f"results: {run_multi(Path(args.out), settings)}")
+                             train_steps=args.train_steps or (40 if args.quick else None), part=parse_part(args.part))
+    out = Path(args.out)
+    if not _in_parts(args, out, lambda: run_multi(out, settings), lambda: pieces_done(out, settings)):
+        print(f"results: {run_multi(out, settings)}")
 
 
 def cmd_bench_steps(args) -> None:
@@ -672,10 +675,10 @@ def cmd_demo(args) -> None:
 
 def _parts_flags(parser) -> None:
     parser.add_argument("--workers", type=_positive("--workers"), default=1,
-                        help="processes that train and draw the concepts in parallel, one CPU thread each on a CPU "
-                             "(default 1); the same pictures as one process")
-    parser.add_argument("--part", metavar="I/N", help="train and draw only the I-th of N slices of the concepts, no "
-                                                      "report (what each --workers process runs; parts may share one --out)")
+                        help="processes that train and draw the concepts (bench multi: the groups) in parallel, one "
+                             "CPU thread each on a CPU (default 1); the same pictures as one process")
+    parser.add_argument("--part", metavar="I/N", help="train and draw only the I-th of N slices of the concepts (or groups), "
+                                                      "no report (what each --workers process runs; parts may share one --out)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -939,6 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     bmm.add_argument("--seeds", type=_positive("--seeds"))
     bmm.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bmm.add_argument("--train-steps", type=_positive("--train-steps"), help="steps of each stage, whatever the group")
+    _parts_flags(bmm)
     bmm.set_defaults(func=cmd_bench_multi)
     bg = bench.add_parser("guidance", help="what a sampling step of the guidance engine costs against its forwards, "
                           "with 1 to 3 terms, and what batching terms that share weights saves")

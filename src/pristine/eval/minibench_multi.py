@@ -66,6 +66,12 @@ class MultiSettings:
     sample_steps: int = 30
     guidance: float = 5.0
     train_steps: int | None = None  # quick runs: the steps of each stage, whatever the group
+    part: tuple[int, int] | None = None  # (i, n): train and draw only every n-th group from the i-th, no table
+
+
+def pieces_done(out: Path, settings: MultiSettings) -> str:
+    drawn = sum((out / "samples" / m / f"{group_name(g)}.npz").is_file() for m in settings.methods for g in settings.groups)
+    return f"{drawn} of {len(settings.methods) * len(settings.groups)} (method, group) pieces drawn"
 
 
 def group_set(name: str) -> list[tuple[Concept, ...]]:
@@ -228,6 +234,7 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
     from ..world.export import write_concept_folder
     from .grids import make_grid
     from .minibench import _load_cached, _save_cached, claim_folder
+    from .parts import my_slice
 
     for method in settings.methods:  # every row's budget, before any work
         budget(method, settings.groups[0], settings.train_steps)
@@ -237,7 +244,7 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
     fingerprint = json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps,
                               "guidance": settings.guidance, "train_steps": settings.train_steps}, sort_keys=True)
     records: list[dict] = []
-    for group in settings.groups:
+    for group in my_slice(settings.groups, settings.part):
         gname = group_name(group)
         specs = [ConceptSpec(str(write_concept_folder(c, TOKENS[k], out / "data" / gname / c.name, masks=True)),
                              TOKENS[k], c.class_word) for k, c in enumerate(group)]
@@ -268,6 +275,8 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
             labels.append(method)
         (out / "grids").mkdir(exist_ok=True)
         make_grid(grid_rows, labels, label_width=120).save(out / "grids" / f"{gname}.png")
+    if settings.part is not None:  # the parent process scores the whole
+        return out
     results = {
         "settings": {"methods": settings.methods, "groups": [group_name(g) for g in settings.groups], "seeds": seeds,
                      "sample_steps": settings.sample_steps, "guidance": settings.guidance,
