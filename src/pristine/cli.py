@@ -425,8 +425,8 @@ def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
 
 
 def cmd_bench_mini(args) -> None:
-    from .eval.minibench import BenchSettings, concept_set, pieces_done, run_bench
-    from .eval.parts import parse_part
+    from .eval.minibench import BenchSettings, concept_set, run_bench
+    from .eval.parts import parse_part, pieces_drawn
 
     methods = _bench_methods(args.methods)
     try:
@@ -437,7 +437,9 @@ def cmd_bench_mini(args) -> None:
                              sample_steps=args.sample_steps or (20 if args.quick else 30),
                              train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
     out = Path(args.out)
-    if not _in_parts(args, out, lambda: run_bench(out, settings), lambda: pieces_done(out, settings)):
+    names = [c.name for c in concepts]
+    if not _in_parts(args, out, lambda: run_bench(out, settings),
+                     lambda: pieces_drawn(out, methods, names, "(method, concept)")):
         print(f"report: {run_bench(out, settings)}")
 
 
@@ -453,21 +455,8 @@ def _in_parts(args, out: Path, run, done) -> bool:
         return True
     if args.workers > 1:
         claim_folder(out)
-        run_parts(_without_workers(args.argv), args.workers, out, done)
+        run_parts(args.argv, args.workers, out, done)
     return False
-
-
-def _without_workers(argv: list[str]) -> list[str]:
-    """The command line again, for the worker processes."""
-    out, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token == "--workers":
-            skip = True
-        elif not token.startswith("--workers="):
-            out.append(token)
-    return out
 
 
 def cmd_bench_domain(args) -> None:
@@ -497,8 +486,8 @@ def cmd_bench_guidance(args) -> None:
 
 def cmd_bench_context(args) -> None:
     from .eval.minibench import concept_set
-    from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, pieces_done, run_context_bench
-    from .eval.parts import parse_part
+    from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, run_context_bench
+    from .eval.parts import parse_part, pieces_drawn
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for row in rows:
@@ -518,7 +507,9 @@ def cmd_bench_context(args) -> None:
                                     agg_time=args.agg_time, dci_lambda=args.dci_lambda,
                                     train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
     out = Path(args.out)
-    if not _in_parts(args, out, lambda: run_context_bench(out, settings), lambda: pieces_done(out, settings)):
+    names = [c.name for c in concepts]
+    if not _in_parts(args, out, lambda: run_context_bench(out, settings),
+                     lambda: pieces_drawn(out, rows, names, "(row, concept)")):
         print(f"table: {run_context_bench(out, settings)}")
 
 
@@ -542,8 +533,8 @@ def cmd_bench_attribute(args) -> None:
 
 
 def cmd_bench_multi(args) -> None:
-    from .eval.minibench_multi import MultiSettings, budget, group_set, pieces_done, run_multi
-    from .eval.parts import parse_part
+    from .eval.minibench_multi import MultiSettings, budget, group_name, group_set, run_multi
+    from .eval.parts import parse_part, pieces_drawn
 
     try:
         groups = group_set("quick" if args.quick and args.groups == "dev" else args.groups)
@@ -556,7 +547,9 @@ def cmd_bench_multi(args) -> None:
                              sample_steps=args.sample_steps or (20 if args.quick else 30),
                              train_steps=args.train_steps or (40 if args.quick else None), part=parse_part(args.part))
     out = Path(args.out)
-    if not _in_parts(args, out, lambda: run_multi(out, settings), lambda: pieces_done(out, settings)):
+    names = [group_name(g) for g in groups]
+    if not _in_parts(args, out, lambda: run_multi(out, settings),
+                     lambda: pieces_drawn(out, methods, names, "(method, group)")):
         print(f"results: {run_multi(out, settings)}")
 
 

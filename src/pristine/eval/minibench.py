@@ -365,12 +365,6 @@ def _save_cached(path: Path, fingerprint: str, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def pieces_done(out: Path, settings: BenchSettings) -> str:
-    """How far a bench folder is: (method, concept) pieces drawn, of all."""
-    drawn = sum((out / "samples" / m / f"{c.name}.npz").is_file() for m in settings.methods for c in settings.concepts)
-    return f"{drawn} of {len(settings.methods) * len(settings.concepts)} (method, concept) pieces drawn"
-
-
 def run_bench(out: Path, settings: BenchSettings) -> Path:
     """Train, draw and score every (method, concept); finished pieces are kept on disk, so a run that
     stops resumes where it was and a later run with more methods only does the new ones."""

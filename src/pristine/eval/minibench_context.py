@@ -54,11 +54,6 @@ class ContextBenchSettings:
     part: tuple[int, int] | None = None  # (i, n): train and draw only every n-th concept from the i-th, no table
 
 
-def pieces_done(out: Path, settings: ContextBenchSettings) -> str:
-    drawn = sum((out / "samples" / r / f"{c.name}.npz").is_file() for r in settings.rows for c in settings.concepts)
-    return f"{drawn} of {len(settings.rows) * len(settings.concepts)} (row, concept) pieces drawn"
-
-
 def row_training(row: str, train_steps: int | None) -> tuple[str, str, dict]:
     """(run folder name, method, TrainConfig settings) of a row: rows differing only by DCI share a run."""
     budget, ico, _ = CONTEXT_ROWS[row]

@@ -69,11 +69,6 @@ class MultiSettings:
     part: tuple[int, int] | None = None  # (i, n): train and draw only every n-th group from the i-th, no table
 
 
-def pieces_done(out: Path, settings: MultiSettings) -> str:
-    drawn = sum((out / "samples" / m / f"{group_name(g)}.npz").is_file() for m in settings.methods for g in settings.groups)
-    return f"{drawn} of {len(settings.methods) * len(settings.groups)} (method, group) pieces drawn"
-
-
 def group_set(name: str) -> list[tuple[Concept, ...]]:
     """dev (every group above), quick (the first pair), or groups of names: 'a+b,c+d+e'."""
     if name == "dev":

@@ -30,9 +30,29 @@ def my_slice(items: list, part: tuple[int, int] | None) -> list:
     return items if part is None else items[part[0] :: part[1]]
 
 
+def pieces_drawn(out: Path, rows: list[str], names: list[str], what: str) -> str:
+    """How far a bench folder is: the pictures of each (row, name) piece are out/samples/ROW/NAME.npz
+    in every bench that runs in parts."""
+    drawn = sum((out / "samples" / row / f"{name}.npz").is_file() for row in rows for name in names)
+    return f"{drawn} of {len(rows) * len(names)} {what} pieces drawn"
+
+
+def without_workers(argv: list[str]) -> list[str]:
+    """The command line without its --workers flag, for the worker processes."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--workers":
+            skip = True
+        elif not token.startswith("--workers="):
+            out.append(token)
+    return out
+
+
 def run_parts(argv: list[str], workers: int, out: Path, done: Callable[[], str], poll_s: float = 30.0) -> None:
-    """Run the command `argv` (a pristine command line without --workers) in `workers` processes, the
-    i-th with `--part i/workers`; logs in out/logs/; `done()` says how far the whole is, every poll."""
+    """Run the pristine command line `argv` (its --workers left out) in `workers` processes, the i-th
+    with `--part i/workers`; logs in out/logs/; `done()` says how far the whole is, every poll."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
@@ -40,7 +60,7 @@ def run_parts(argv: list[str], workers: int, out: Path, done: Callable[[], str],
     for i in range(1, workers + 1):
         log = logs / f"part-{i}-of-{workers}.log"
         with open(log, "ab") as handle:
-            procs.append((log, subprocess.Popen([sys.executable, "-m", "pristine.cli", *argv, "--part", f"{i}/{workers}"],
+            procs.append((log, subprocess.Popen([sys.executable, "-m", "pristine.cli", *without_workers(argv), "--part", f"{i}/{workers}"],
                                                 stdout=handle, stderr=subprocess.STDOUT, env=env)))
     print(f"{workers} processes, logs in {logs}", flush=True)
     try:

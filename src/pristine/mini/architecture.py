@@ -127,7 +127,8 @@ def grow_unet(unet):
         return ".".join(parts)
 
     weights, targets = {moved(k): v for k, v in unet.state_dict().items()}, grown.state_dict()
-    fresh = ("down_blocks.0.", "up_blocks.2.upsamplers.", f"up_blocks.{len(grown.up_blocks) - 1}.")
+    last = len(unet.up_blocks) - 1  # its last up block, now one level from the top, upsamples
+    fresh = ("down_blocks.0.", f"up_blocks.{last}.upsamplers.", f"up_blocks.{last + 1}.")
     misfits = [k for k, v in weights.items() if k not in targets or targets[k].shape != v.shape]
     misfits += [k for k in targets if k not in weights and not k.startswith(fresh)]
     if misfits:

@@ -116,7 +116,7 @@ def caption_with_negatives(scene: Scene, seed: int, k: int, rng: np.random.Gener
             if len(negatives) == k:
                 break
     while len(negatives) < k:  # a terse caption may show fewer swaps than asked: repeat one
-        negatives.append(negatives[-1] if negatives else caption(swapped_scenes(scene)[0]))
+        negatives.append(negatives[-1] if negatives else caption(next(iter(kinds.values()))[0]))
     return positive, negatives
 
 
