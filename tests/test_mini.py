@@ -328,6 +328,7 @@ def test_vae16_then_the_denoiser_gives_a_model_of_16x16_latents_that_draws_32_px
     assert main(["mini", "pretrain", "--stage", "unet-joint", "--steps", "2", *common]) == 0
     unet_config = json.loads((out / "unet" / "config.json").read_text())
     assert unet_config["sample_size"] == 16 and len(unet_config["block_out_channels"]) == 4  # grown: one more level
+    assert "_name_or_path" not in unet_config  # no work-folder path in a model that ships
     pipe = mini.load_pipeline(out)
     latents = pipe("a big red star", num_inference_steps=2, output_type="latent").images
     assert tuple(latents.shape) == (1, 4, 16, 16)
