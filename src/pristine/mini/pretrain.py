@@ -636,13 +636,11 @@ def export_denoiser(workdir: Path, out: Path, stage: str) -> None:
         return {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
 
     grid = arch.latent_size(json.loads((out / "vae" / "config.json").read_text()))
-    unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True) if warm_start else arch.new_unet(grid)
+    # the warm start's architecture from its config alone: its weights would be overwritten, and
+    # from_pretrained would record the work folder (_name_or_path) in the shipped config
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(init / "unet")) if warm_start else arch.new_unet(grid)
     unet.load_state_dict(part("unet"))
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
-    config_path = out / "unet" / "config.json"  # diffusers records the work folder it loaded from: not for a shipped model
-    config = json.loads(config_path.read_text())
-    if config.pop("_name_or_path", None) is not None:
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if train_text:
         text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder", torch_dtype=torch.float32, use_safetensors=True)
         text_encoder.load_state_dict(part("text_encoder"))
