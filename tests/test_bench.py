@@ -1,9 +1,11 @@
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import pristine.mini as mini
 from pristine.eval.minibench import bootstrap
@@ -162,13 +164,22 @@ def test_bench_mini_runs_budgets_with_changed_settings_as_their_own_rows(tmp_pat
     from pristine.cli import main
 
     out = tmp_path / "bench"
-    methods = "lora_preserve,purecc_authors@base_branch=original"
+    methods = "lora_preserve,purecc_authors@base_branch=original,purecc_authors"
     assert main(["bench", "mini", "--methods", methods, "--concepts", "ember_star", "--out", str(out),
                  "--seeds", "1", "--sample-steps", "2", "--train-steps", "2"]) == 0
     capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
     assert list(results["summary"]) == methods.split(",")
     assert results["settings"]["budgets"]["purecc_authors@base_branch=original"]["method_args"]["base_branch"] == "original"
+    # the two PureCC rows differ in stage 2 only: one stage-1 run serves both, and each row trains stage 2
+    stage1 = [p for p in (out / "runs").iterdir() if p.name.startswith("_stage1-")]
+    assert len(stage1) == 1 and (stage1[0] / "ember_star" / "DONE").exists()
+    for row, branch in (("purecc_authors@base_branch=original", "original"), ("purecc_authors", "learner")):
+        saved = yaml.safe_load((out / "runs" / row / "ember_star" / "config.yaml").read_text())
+        assert saved["method_args"]["stage"] == "2" and saved["steps"] == 2
+        assert Path(saved["method_args"]["stage1_run"]) == stage1[0] / "ember_star"
+        assert saved["method_args"].get("base_branch", "learner") == branch
+        assert results["timings"][row]["ember_star"]["train_s"] >= float((stage1[0] / "ember_star" / "train_s.txt").read_text())
     log = [json.loads(line) for line in (out / "runs" / "lora_preserve" / "ember_star" / "log.jsonl").read_text().splitlines()]
     assert all("preserve" in r for r in log)
     for bad, says in (("lora@preserve=nofile.txt", "nofile.txt"), ("textual_inversion@preserve=class", "textual_inversion"),

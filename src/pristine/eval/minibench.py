@@ -117,6 +117,53 @@ def budget_settings(entry: str, steps_per_stage: int | None = None) -> tuple[str
     return name, settings
 
 
+def shared_stage1(method_name: str, budget: dict) -> tuple[dict, str] | None:
+    """For a two-stage budget whose stage 1 can be trained once and shared (a method whose config
+    lists its `stage2_only` settings, both stages in one run, a constant learning rate): the stage-1
+    budget and a key naming it, equal for every budget that differs only in stage-2 settings (and in
+    the stage-2 learning rate and steps). Otherwise None: the run trains both stages itself.
+
+    Why: the PureCC rows of MiniBench (the authors' form, `extractor_lora`, `base_branch`, adaptive λ)
+    differ in stage 2 only; sharing stage 1 makes them a paired comparison and saves three stage-1
+    trainings per concept."""
+    import hashlib
+
+    from ..methods import get_method
+
+    stage2_only = getattr(get_method(method_name).Config, "stage2_only", None)
+    args = budget.get("method_args", {})
+    if (stage2_only is None or args.get("stage", "both") != "both" or budget.get("epochs", 0)
+            or budget.get("lr_scheduler", "constant") != "constant" or budget.get("warmup_steps", 0)):
+        return None
+    stage1_args = {k: v for k, v in args.items() if k not in stage2_only}
+    stage1_args["stage"] = "1"
+    stage1 = {k: v for k, v in budget.items() if k not in ("steps", "lr", "method_args")}
+    stage1.update(steps=stage1_args.get("stage1_steps", get_method(method_name).Config.stage1_steps),
+                  method_args=stage1_args)
+    key = hashlib.sha1(json.dumps({"method": method_name, **stage1}, sort_keys=True).encode()).hexdigest()[:10]
+    return stage1, f"{method_name}-{key}"
+
+
+def stage2_budget(budget: dict, stage1_run: Path, stage1_steps: int) -> dict:
+    """The budget's stage 2 alone, from a finished stage-1 run of `stage1_steps` steps."""
+    args = {k: v for k, v in budget["method_args"].items() if k != "stage1_steps"}
+    args.update(stage="2", stage1_run=str(stage1_run))
+    return {**budget, "steps": budget["steps"] - stage1_steps, "method_args": args}
+
+
+def train_once(run: Path, do_train) -> float:
+    """Train `run` unless it is finished; the seconds it took, kept in run/train_s.txt so that every
+    later user of the run can count them."""
+    import time
+
+    record = run / "train_s.txt"
+    if not (run / "DONE").exists():
+        t0 = time.perf_counter()
+        do_train()  # (a run resumed after a kill counts from the resume)
+        record.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return float(record.read_text()) if record.is_file() else 0.0
+
+
 # (position, background, size, style, second object or None)
 CONTEXTS = [
     ("left", "grass", "big", "plain", None),
@@ -408,9 +455,21 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
             custom = _load_cached(samples_file, fingerprint)
             if not (run / "DONE").exists():
                 t0 = time.perf_counter()
+                specs = [ConceptSpec(str(images_dir), TOKEN, concept.class_word)]
+                stage1_s = 0.0
+                shared = shared_stage1(method_name, budget)
+                if shared is not None:  # stage 1 once per concept for the rows that differ in stage 2 only
+                    stage1_budget, key = shared
+                    stage1_run = out / "runs" / f"_stage1-{key}" / concept.name
+                    stage1_s = train_once(stage1_run, lambda: train(TrainConfig(
+                        out=str(stage1_run), model="mini", method=method_name, seed=0, resume="latest",
+                        concepts=specs, **stage1_budget)))
+                    budget = stage2_budget(budget, stage1_run, stage1_budget["steps"])
+                    t0 = time.perf_counter()
                 train(TrainConfig(out=str(run), model="mini", method=method_name, seed=0, resume="latest",
-                                  concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **budget))
-                timing["train_s"] = round(time.perf_counter() - t0, 1)
+                                  concepts=specs, **budget))
+                # a shared stage 1 counts in full for every row that uses it: what one run costs
+                timing["train_s"] = round(time.perf_counter() - t0 + stage1_s, 1)
                 custom = None  # a newly trained model: pictures of an earlier one do not count
             if custom is None:
                 t0 = time.perf_counter()

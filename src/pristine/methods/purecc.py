@@ -59,6 +59,10 @@ class PureCCConfig(MethodConfig):
     base_preserve_weight: float = 0.0  # base_branch=original: weight of || f_θ2(y_base) - f_orig(y_base) ||²
 
     positive: ClassVar[tuple[str, ...]] = ("stage1_steps", "rank", "alpha", "stage1_lr", "token_lr", "lambda_max")
+    # settings that stage 1 never reads: runs that differ only in these can share one stage-1 run
+    stage2_only: ClassVar[tuple[str, ...]] = ("eta", "lambda_mode", "lambda_value", "lambda_max", "extractor_lora",
+                                              "stop_grad_base", "learner_checkpointing", "base_branch",
+                                              "base_preserve_weight")
 
     def check(self, where: str) -> None:
         if self.stage not in ("1", "2", "both"):
