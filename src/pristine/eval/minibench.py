@@ -130,7 +130,8 @@ def shared_stage1(method_name: str, budget: dict) -> tuple[dict, str] | None:
 
     from ..methods import get_method
 
-    stage2_only = getattr(get_method(method_name).Config, "stage2_only", None)
+    config = get_method(method_name).Config
+    stage2_only = getattr(config, "stage2_only", None)
     args = budget.get("method_args", {})
     if (stage2_only is None or args.get("stage", "both") != "both" or budget.get("epochs", 0)
             or budget.get("lr_scheduler", "constant") != "constant" or budget.get("warmup_steps", 0)):
@@ -138,7 +139,7 @@ def shared_stage1(method_name: str, budget: dict) -> tuple[dict, str] | None:
     stage1_args = {k: v for k, v in args.items() if k not in stage2_only}
     stage1_args["stage"] = "1"
     stage1 = {k: v for k, v in budget.items() if k not in ("steps", "lr", "method_args")}
-    stage1.update(steps=stage1_args.get("stage1_steps", get_method(method_name).Config.stage1_steps),
+    stage1.update(steps=stage1_args.get("stage1_steps", config.stage1_steps),
                   method_args=stage1_args)
     key = hashlib.sha1(json.dumps({"method": method_name, **stage1}, sort_keys=True).encode()).hexdigest()[:10]
     return stage1, f"{method_name}-{key}"
@@ -156,11 +157,13 @@ def train_once(run: Path, do_train) -> float:
     later user of the run can count them."""
     import time
 
+    from ..files import atomic_write_text
+
     record = run / "train_s.txt"
     if not (run / "DONE").exists():
         t0 = time.perf_counter()
         do_train()  # (a run resumed after a kill counts from the resume)
-        record.write_text(f"{time.perf_counter() - t0:.1f}\n")
+        atomic_write_text(record, f"{time.perf_counter() - t0:.1f}\n")
     return float(record.read_text()) if record.is_file() else 0.0
 
 
@@ -454,20 +457,19 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
             timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
             custom = _load_cached(samples_file, fingerprint)
             if not (run / "DONE").exists():
-                t0 = time.perf_counter()
-                specs = [ConceptSpec(str(images_dir), TOKEN, concept.class_word)]
+                def train_run(folder: Path, run_budget: dict) -> None:
+                    train(TrainConfig(out=str(folder), model="mini", method=method_name, seed=0, resume="latest",
+                                      concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **run_budget))
+
                 stage1_s = 0.0
                 shared = shared_stage1(method_name, budget)
                 if shared is not None:  # stage 1 once per concept for the rows that differ in stage 2 only
                     stage1_budget, key = shared
                     stage1_run = out / "runs" / f"_stage1-{key}" / concept.name
-                    stage1_s = train_once(stage1_run, lambda: train(TrainConfig(
-                        out=str(stage1_run), model="mini", method=method_name, seed=0, resume="latest",
-                        concepts=specs, **stage1_budget)))
+                    stage1_s = train_once(stage1_run, lambda: train_run(stage1_run, stage1_budget))
                     budget = stage2_budget(budget, stage1_run, stage1_budget["steps"])
-                    t0 = time.perf_counter()
-                train(TrainConfig(out=str(run), model="mini", method=method_name, seed=0, resume="latest",
-                                  concepts=specs, **budget))
+                t0 = time.perf_counter()
+                train_run(run, budget)
                 # a shared stage 1 counts in full for every row that uses it: what one run costs
                 timing["train_s"] = round(time.perf_counter() - t0 + stage1_s, 1)
                 custom = None  # a newly trained model: pictures of an earlier one do not count
