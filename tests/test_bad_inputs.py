@@ -182,6 +182,7 @@ CASES = {  # name: (argv from the fixture, words the one line must hold)
     "purecc_base_branch_unknown": (lambda w: _train(w, "star", "--method", "purecc", "--method-arg", "base_branch=frozen",
                                                     "--out", NEW), ["base_branch", "frozen"]),
     "purecc_base_preserve_on_learner": (lambda w: _train(w, "star", "--method", "purecc", "--method-arg",
+                                                         "base_branch=learner", "--method-arg",
                                                          "base_preserve_weight=0.5", "--out", NEW),
                                         ["base_preserve_weight", "base_branch=original"]),
     "purecc_base_preserve_negative": (lambda w: _train(w, "star", "--method", "purecc", "--method-arg", "base_branch=original",

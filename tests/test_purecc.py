@@ -164,7 +164,7 @@ def test_learner_checkpointing_changes_memory_not_gradients(tiny, star_images):
 
     spec = ConceptSpec(str(star_images), "<v1>", "star")
     backbone = load_backbone(str(tiny))
-    m = PureCC(PureCCConfig(stage1_steps=0, learner_checkpointing=False), backbone, [spec])
+    m = PureCC(PureCCConfig(stage1_steps=0, learner_checkpointing=False, base_branch="learner"), backbone, [spec])
     m.setup()
     data = build_training_set([ConceptImages.load(spec)], 32)
     cache_latents(data, backbone)
@@ -263,11 +263,11 @@ def test_anchored_base_branch_is_the_original_model_in_the_frozen_forward(tiny, 
 def test_extractor_lora_false_runs_r_with_every_adapter_off(tiny, star_images):
     from pristine.methods.purecc import EXTRACTOR
 
-    m, batch, g, calls = _stage2(tiny, star_images, extractor_lora=False)
+    m, batch, g, calls = _stage2(tiny, star_images, extractor_lora=False, base_branch="learner")
     m.loss(batch, g)
     frozen = [c for c in calls if not c["grad"]]
     assert len(frozen) == 1 and frozen[0]["adapters_off"] and not frozen[0]["active"]
-    m, batch, g, calls = _stage2(tiny, star_images, extractor_lora=True)
+    m, batch, g, calls = _stage2(tiny, star_images, extractor_lora=True, base_branch="learner")
     m.loss(batch, g)
     frozen = [c for c in calls if not c["grad"]]
     assert len(frozen) == 1 and frozen[0]["active"] == {EXTRACTOR}

@@ -41,7 +41,8 @@ BUDGETS = {
     "dreambooth": dict(steps=300, batch_size=4, lr=5e-5),
     "custom_diffusion": dict(steps=300, batch_size=4, lr=1e-4),
     # PureCC (METHODS.md 1): stage 1 (token + extractor LoRA) then stage 2 (a fresh learner LoRA), each
-    # with LoRA's steps, rank and learning rate; the paper's η = 2 and λ = 1 (or adaptive).
+    # with LoRA's steps, rank and learning rate; the paper's η = 2 and λ = 1 (or adaptive); the method's
+    # defaults otherwise (the anchored form; `purecc@base_branch=learner` is the paper's)
     "purecc": dict(steps=600, batch_size=4, lr=1e-3, method="purecc",
                    method_args={"rank": 4, "alpha": 4, "stage1_steps": 300, "stage1_lr": 1e-3, "token_lr": 5e-3}),
     "purecc_adaptive": dict(steps=600, batch_size=4, lr=1e-3, method="purecc",
@@ -65,7 +66,7 @@ BUDGETS.update({
     # the authors' form: the extractor is the token alone (R with every adapter off), the learner's y_base
     "purecc_authors": dict(steps=1200, **AUTHORS, method="purecc",
                            method_args={"rank": 4, "alpha": 4, "stage1_steps": 400, "stage1_lr": 1e-4, "token_lr": 5e-3,
-                                        "extractor_lora": False}),
+                                        "extractor_lora": False, "base_branch": "learner"}),
 })
 
 

@@ -18,18 +18,25 @@ def _plots(out: Path, results: dict) -> list[str]:
     summary = results["summary"]
     methods = list(summary)
     files = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    # one colour and marker per row, told apart beyond matplotlib's 10 default colours
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors
+    style = {m: (colours[i % len(colours)], "osD^v<>"[i % 7]) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + 0.22 * ((len(methods) + 2) // 3)))
     for ax, (key, label) in zip(axes, (("pollution_distance", "pollution (a): pixel distance on unrelated prompts"),
                                        ("drift", "pollution (c): context drift"))):
         for m in methods:
             f, p = summary[m].get("fidelity"), summary[m].get(key)
             if f and p:
                 ax.errorbar(p["mean"], f["mean"], xerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]],
-                            yerr=[[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]], fmt="o", capsize=3, label=m)
+                            yerr=[[f["mean"] - f["lo"]], [f["hi"] - f["mean"]]], fmt=style[m][1], color=style[m][0],
+                            capsize=3, label=m)
         ax.set_xlabel(label)
         ax.set_ylabel("fidelity (oracle)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # below the plots, where it hides no point
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    rows = (len(handles) + 2) // 3
+    fig.tight_layout(rect=(0, 0.05 * rows * 4 / fig.get_figheight(), 1, 1))
     fig.savefig(out / "fidelity_vs_pollution.png", dpi=100)
     plt.close(fig)
     files.append("fidelity_vs_pollution.png")

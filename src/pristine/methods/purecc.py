@@ -11,7 +11,8 @@ Stage 2 trains a fresh LoRA θ2 ("learner") on the same copy of the base weights
 Both stages run in one training loop: the first `stage1_steps` steps are stage 1. θ1 and θ2 are two
 peft adapters on one denoiser; the active one is switched, the base weights are never copied.
 
-Anchored variant (ours, not the paper's nor the authors' code): with `base_branch=original` the y_base
+Anchored variant (ours, not the paper's nor the authors' code; the default, since the paper's form
+polluted more than plain LoRA on MiniBench): with `base_branch=original` the y_base
 prediction is the original model's (adapters off, no gradient), f_orig(x_t | y_base), computed in the
 frozen forward that gives R; the learner then predicts y_complete alone. `base_preserve_weight` adds
 || f_θ2(x_t | y_base) - f_orig(x_t | y_base) ||², for which the learner predicts y_base as well.
@@ -54,8 +55,9 @@ class PureCCConfig(MethodConfig):
     # base_branch=original without base_preserve_weight)
     learner_checkpointing: bool = True
     # where f(y_base) comes from: "learner" (the paper, the authors' code) or "original" (ours: the
-    # original model, adapters off, no gradient, batched with R's forward)
-    base_branch: str = "learner"
+    # original model, adapters off, no gradient). The default: on MiniBench the learner form pollutes
+    # more than plain LoRA at both budgets; the anchored one is purer (docs/PURECC.md)
+    base_branch: str = "original"
     base_preserve_weight: float = 0.0  # base_branch=original: weight of || f_θ2(y_base) - f_orig(y_base) ||²
 
     positive: ClassVar[tuple[str, ...]] = ("stage1_steps", "rank", "alpha", "stage1_lr", "token_lr", "lambda_max")
