@@ -21,7 +21,8 @@ def _plots(out: Path, results: dict) -> list[str]:
     # one colour and marker per row, told apart beyond matplotlib's 10 default colours
     colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors
     style = {m: (colours[i % len(colours)], "osD^v<>"[i % 7]) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + 0.22 * ((len(methods) + 2) // 3)))
+    legend_inches = 0.22 * ((len(methods) + 2) // 3)  # three rows' names per line, below the plots
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + legend_inches))
     for ax, (key, label) in zip(axes, (("pollution_distance", "pollution (a): pixel distance on unrelated prompts"),
                                        ("drift", "pollution (c): context drift"))):
         for m in methods:
@@ -35,8 +36,7 @@ def _plots(out: Path, results: dict) -> list[str]:
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:  # below the plots, where it hides no point
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    rows = (len(handles) + 2) // 3
-    fig.tight_layout(rect=(0, 0.05 * rows * 4 / fig.get_figheight(), 1, 1))
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     fig.savefig(out / "fidelity_vs_pollution.png", dpi=100)
     plt.close(fig)
     files.append("fidelity_vs_pollution.png")
@@ -47,10 +47,10 @@ def _plots(out: Path, results: dict) -> list[str]:
     for i, m in enumerate(methods):
         values = [np.mean([r["fidelity"] for r in results["records"]
                            if r["method"] == m and r["concept"] == c and r["kind"] == "concept"]) for c in concepts]
-        ax.bar(np.arange(len(concepts)) + i * width, values, width, label=m)
+        ax.bar(np.arange(len(concepts)) + i * width, values, width, label=m, color=style[m][0])
     ax.set_xticks(np.arange(len(concepts)) + width * (len(methods) - 1) / 2, concepts, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("fidelity (oracle)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, hiding none
     fig.tight_layout()
     fig.savefig(out / "per_concept_fidelity.png", dpi=100)
     plt.close(fig)
