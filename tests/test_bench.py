@@ -231,3 +231,32 @@ def test_a_bench_folder_refuses_runs_trained_on_another_base_model(tmp_path, mon
     weights.write_bytes(bytes(data))
     with pytest.raises(UsageError, match="another pristine-mini"):
         minibench.claim_folder(bench)
+
+
+def test_a_finished_run_trained_with_other_settings_is_not_reused(tiny, star_images, tmp_path):
+    """config.yaml holds the method's settings with defaults filled in, so a bench that finds a finished
+    run knows when the row now means something else (a budget edited, a default changed since)."""
+    from pristine.data import ConceptSpec
+    from pristine.errors import UsageError
+    from pristine.eval.minibench import train_unless_finished
+    from pristine.methods import lora
+    from pristine.train import TrainConfig
+
+    def config(**method_args):
+        return TrainConfig(out=str(tmp_path / "run"), model=str(tiny), method="lora", seed=0, resume="latest", steps=2,
+                           batch_size=1, lr=1e-3, checkpoint_every=0, method_args={"rank": 4, **method_args},
+                           concepts=[ConceptSpec(str(star_images), "<v1>", "star")])
+
+    assert train_unless_finished(config()) is True
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method_args"]
+    assert saved["rank"] == 4 and saved["alpha"] == lora.LoraConfig.alpha  # a default, written out
+    assert train_unless_finished(config()) is False  # finished with these settings: kept
+    with pytest.raises(UsageError, match=r"run: a finished run trained with method_args.rank 4, but this benchmark now trains 8; delete that folder"):
+        train_unless_finished(config(rank=8))
+    # a run trained when alpha's default was another: the file says so, and the row is not reused
+    path = tmp_path / "run" / "config.yaml"
+    text = yaml.safe_load(path.read_text())
+    text["method_args"]["alpha"] = lora.LoraConfig.alpha + 1
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(UsageError, match="a finished run trained with method_args.alpha 5.0, but this benchmark now trains 4.0"):
+        train_unless_finished(config())

@@ -165,7 +165,8 @@ concepts:
 
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert [c["token"] for c in saved["concepts"]] == ["<v1>", "<v2>"]
-    assert saved["method_args"] == {"rank": 2, "alpha": 2}
+    # the given settings, and the method's defaults written out beside them
+    assert saved["method_args"]["rank"] == 2 and saved["method_args"]["alpha"] == 2 and saved["method_args"]["train_token"] is True
     from safetensors.torch import load_file
 
     assert set(load_file(str(tmp_path / "run" / "learned_embeds.safetensors"))) == {"<v1>", "<v2>"}

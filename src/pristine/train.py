@@ -673,7 +673,11 @@ def _processes() -> int:
 
 
 def _write_config(out: Path, config: TrainConfig) -> None:
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+    """The run's settings, the method's with their defaults filled in: the file says what the run was
+    trained with even after a default changes, so loading it and resuming it stay what they were."""
+    settings = config.to_dict()
+    settings["method_args"] = asdict(get_method(config.method).Config.from_dict(config.method_args))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
 
 
 def _sample_during_training(method, config: TrainConfig, path: Path) -> None:

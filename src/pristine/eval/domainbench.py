@@ -112,9 +112,9 @@ def run_domain_bench(out: Path, settings: DomainSettings) -> Path:
     from .. import mini
     from ..data import ConceptSpec
     from ..sampling import Models, SampleSettings, sample
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig
     from ..world.captions import caption
-    from .minibench import claim_folder
+    from .minibench import claim_folder, train_unless_finished
 
     claim_folder(out)
     plain, trigger = write_training_sets(out / "data", settings.images)
@@ -146,11 +146,11 @@ def run_domain_bench(out: Path, settings: DomainSettings) -> Path:
         if settings.train_steps:
             budget["steps"] = settings.train_steps
         run = out / "runs" / method
-        if not (run / "DONE").is_file():
-            concept = ConceptSpec(str(plain)) if name == "concept_centric" else ConceptSpec(str(trigger), TRIGGER, "style")
-            t0 = time.perf_counter()
-            train(TrainConfig(out=str(run), model="mini", method=name, seed=0, resume="latest", concepts=[concept],
-                              checkpoint_every=max(1, budget["steps"] // 3), **budget))
+        concept = ConceptSpec(str(plain)) if name == "concept_centric" else ConceptSpec(str(trigger), TRIGGER, "style")
+        t0 = time.perf_counter()
+        if train_unless_finished(TrainConfig(out=str(run), model="mini", method=name, seed=0, resume="latest",
+                                             concepts=[concept], checkpoint_every=max(1, budget["steps"] // 3),
+                                             **budget)):
             (run / "train_seconds.json").write_text(json.dumps({"train_s": round(time.perf_counter() - t0, 1)}))
         images, per_picture = draw(method, run)
         readings = oracle.read(images)

@@ -153,17 +153,44 @@ def stage2_budget(budget: dict, stage1_run: Path, stage1_steps: int) -> dict:
     return {**budget, "steps": budget["steps"] - stage1_steps, "method_args": args}
 
 
+def train_unless_finished(config) -> bool:
+    """Train the run `config` describes unless it is finished; True when it trained now. A finished run
+    whose saved settings differ from these (a default changed, a budget was edited since) is not scored
+    as if it were this row's: one line names the folder and the first setting that differs."""
+    import yaml
+
+    from ..errors import UsageError
+    from ..train import train
+
+    run = Path(config.out)
+    if not (run / "DONE").exists():
+        train(config)
+        return True
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    changes = config.changes_from(saved) if isinstance(saved, dict) else [("config.yaml", "unreadable", "")]
+    if changes:
+        key, old, new = changes[0]
+        if isinstance(old, dict) and isinstance(new, dict):  # name the method setting, not the whole mapping
+            key, old, new = next((f"{key}.{k}", old.get(k), new.get(k)) for k in {**old, **new}
+                                 if old.get(k) != new.get(k))
+        raise UsageError(f"{run}: a finished run trained with {key} {old}, but this benchmark now trains {new}; "
+                         "delete that folder to train it again (its pictures are redrawn), or give a new --out")
+    return False
+
+
 def train_once(run: Path, do_train) -> float:
-    """Train `run` unless it is finished; the seconds it took, kept in run/train_s.txt so that every
-    later user of the run can count them."""
+    """Train `run` unless it is finished (`do_train()` says whether it trained); the seconds it took,
+    kept in run/train_s.txt so that every later user of the run can count them."""
     import time
 
     from ..files import atomic_write_text
 
     record = run / "train_s.txt"
-    if not (run / "DONE").exists():
-        t0 = time.perf_counter()
-        do_train()  # (a run resumed after a kill counts from the resume)
+    t0 = time.perf_counter()
+    if do_train():  # (a run resumed after a kill counts from the resume)
         atomic_write_text(record, f"{time.perf_counter() - t0:.1f}\n")
     return float(record.read_text()) if record.is_file() else 0.0
 
@@ -423,7 +450,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
 
     from ..data import ConceptSpec
     from ..sample import generate, load_pipeline
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig
     from ..world.export import write_concept_folder
     from .parts import my_slice
 
@@ -457,20 +484,20 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
             timing_file = samples_file.with_suffix(".json")
             timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
             custom = _load_cached(samples_file, fingerprint)
-            if not (run / "DONE").exists():
-                def train_run(folder: Path, run_budget: dict) -> None:
-                    train(TrainConfig(out=str(folder), model="mini", method=method_name, seed=0, resume="latest",
-                                      concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **run_budget))
+            def train_run(folder: Path, run_budget: dict) -> bool:
+                return train_unless_finished(TrainConfig(
+                    out=str(folder), model="mini", method=method_name, seed=0, resume="latest",
+                    concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **run_budget))
 
-                stage1_s = 0.0
-                shared = shared_stage1(method_name, budget)
-                if shared is not None:  # stage 1 once per concept for the rows that differ in stage 2 only
-                    stage1_budget, key = shared
-                    stage1_run = out / "runs" / f"_stage1-{key}" / concept.name
-                    stage1_s = train_once(stage1_run, lambda: train_run(stage1_run, stage1_budget))
-                    budget = stage2_budget(budget, stage1_run, stage1_budget["steps"])
-                t0 = time.perf_counter()
-                train_run(run, budget)
+            stage1_s = 0.0
+            shared = shared_stage1(method_name, budget)
+            if shared is not None:  # stage 1 once per concept for the rows that differ in stage 2 only
+                stage1_budget, key = shared
+                stage1_run = out / "runs" / f"_stage1-{key}" / concept.name
+                stage1_s = train_once(stage1_run, lambda: train_run(stage1_run, stage1_budget))
+                budget = stage2_budget(budget, stage1_run, stage1_budget["steps"])
+            t0 = time.perf_counter()
+            if train_run(run, budget):
                 # a shared stage 1 counts in full for every row that uses it: what one run costs
                 timing["train_s"] = round(time.perf_counter() - t0 + stage1_s, 1)
                 custom = None  # a newly trained model: pictures of an earlier one do not count

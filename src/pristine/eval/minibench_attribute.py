@@ -29,7 +29,8 @@ import numpy as np
 from ..world.captions import caption
 from ..world.concepts import ATTRIBUTE_WORDS
 from ..world.scene import Scene, WorldObject, positions_compatible
-from .minibench import UNRELATED, _load_cached, _object_summary, _save_cached, claim_folder, interval_summary, model_id
+from .minibench import (UNRELATED, _load_cached, _object_summary, _save_cached, claim_folder, interval_summary, model_id,
+                        train_unless_finished)
 
 # One budget per row, fixed before any benchmark was run: the same steps, rank and learning rate for
 # all; SPF's stages split them. The attribute words need no new token, so the concept task's `lora`
@@ -175,7 +176,7 @@ def run_attribute_bench(out: Path, settings: AttributeBenchSettings) -> Path:
     from .. import mini
     from ..data import ConceptSpec
     from ..sample import generate, load_pipeline
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig
     from ..world.export import write_renders
 
     claim_folder(out)
@@ -189,9 +190,11 @@ def run_attribute_bench(out: Path, settings: AttributeBenchSettings) -> Path:
         return generate(pipe, all_prompts, seeds * len(prompts), steps=settings.sample_steps,
                         guidance=settings.guidance, desc=desc, batch=len(all_prompts))
 
-    def cached(name: str, make):
+    def cached(name: str, make, run: Path | None = None):
         path = out / "samples" / f"{name}.npz"
         found = _load_cached(path, fingerprint)
+        if found is not None and run is not None and path.stat().st_mtime < (run / "DONE").stat().st_mtime:
+            found = None  # pictures of an earlier model of this run do not count
         if found is None:
             found = make()
             _save_cached(path, fingerprint, found)
@@ -209,12 +212,11 @@ def run_attribute_bench(out: Path, settings: AttributeBenchSettings) -> Path:
         if row == INCREMENTAL and word == first_word:
             row = "spf"
         run = out / "runs" / row / word
-        if not (run / "DONE").exists():
-            settings_ = budget(row, settings.train_steps)
-            if row == INCREMENTAL:
-                settings_["method_args"]["init_run"] = str(run_for("spf", first_word))
-            train(TrainConfig(out=str(run), model="mini", method="spf", seed=0, resume="latest",
-                              concepts=[ConceptSpec(str(data(word)), word, "pattern")], **settings_))
+        settings_ = budget(row, settings.train_steps)
+        if row == INCREMENTAL:
+            settings_["method_args"]["init_run"] = str(run_for("spf", first_word))
+        train_unless_finished(TrainConfig(out=str(run), model="mini", method="spf", seed=0, resume="latest",
+                                          concepts=[ConceptSpec(str(data(word)), word, "pattern")], **settings_))
         return run
 
     base = load_pipeline("mini")
@@ -235,7 +237,7 @@ def run_attribute_bench(out: Path, settings: AttributeBenchSettings) -> Path:
                 drawn["first"] = draw(pipe, prompts_for_word(first_word, settings.contexts)[1], row)
             return drawn
 
-        return cached(f"{row}/{word}", make)
+        return cached(f"{row}/{word}", make, run)
 
     records: list[dict] = []
     for row in settings.rows:

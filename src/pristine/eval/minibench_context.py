@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .minibench import (TOKEN, Judges, _load_cached, _save_cached, budget_settings, claim_folder, context_right,
-                        interval_summary, prompts_for)
+                        interval_summary, prompts_for, train_unless_finished)
 
 # row: (the method's MiniBench budget, ICO in training, DCI in sampling)
 CONTEXT_ROWS = {
@@ -128,7 +128,7 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
     so a stopped benchmark continues where it was."""
     from ..data import ConceptSpec
     from ..files import atomic_write_text
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig
     from ..world.export import write_concept_folder
     from .parts import my_slice
 
@@ -145,11 +145,13 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
         for row in settings.rows:
             run_name, method, budget = row_training(row, settings.train_steps)
             run = out / "runs" / run_name / concept.name
-            if not (run / "DONE").exists():
-                train(TrainConfig(out=str(run), model="mini", method=method, seed=0, resume="latest",
-                                  concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)], **budget))
+            train_unless_finished(TrainConfig(out=str(run), model="mini", method=method, seed=0, resume="latest",
+                                              concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)],
+                                              **budget))
             cached = out / "samples" / row / f"{concept.name}.npz"
             found = _load_cached(cached, fingerprint)
+            if found is not None and cached.stat().st_mtime < (run / "DONE").stat().st_mtime:
+                found = None  # pictures of an earlier model of this run do not count
             if found is None:
                 images, per_picture = _draw(run, prompts, settings, CONTEXT_ROWS[row][2])
                 found = {"images": images, "seconds_per_picture": [np.float64(per_picture)]}

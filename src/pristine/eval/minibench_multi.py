@@ -225,10 +225,10 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
     from .. import mini
     from ..data import ConceptSpec
     from ..sample import generate, load_pipeline
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig
     from ..world.export import write_concept_folder
     from .grids import make_grid
-    from .minibench import _load_cached, _save_cached, claim_folder
+    from .minibench import _load_cached, _save_cached, claim_folder, train_unless_finished
     from .parts import my_slice
 
     for method in settings.methods:  # every row's budget, before any work
@@ -251,9 +251,8 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
             run = out / "runs" / method / gname
             samples = out / "samples" / method / f"{gname}.npz"
             images = _load_cached(samples, fingerprint)
-            if not (run / "DONE").exists():
-                train(TrainConfig(out=str(run), model="mini", method=name, seed=0, resume="latest", concepts=specs,
-                                  **settings_))
+            if train_unless_finished(TrainConfig(out=str(run), model="mini", method=name, seed=0, resume="latest",
+                                                 concepts=specs, **settings_)):
                 images = None  # pictures of an earlier model do not count
             if images is None:
                 pipe = load_pipeline("mini", str(run))
