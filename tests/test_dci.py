@@ -99,7 +99,8 @@ def _softmax(x):
     return e / e.sum()
 
 
-def test_dci_blend_on_a_toy_attention_layer_matches_hand_computed_weights():
+@pytest.mark.parametrize("scale", [None, 7.8125])  # the authors' 500 (the default), and a smaller constant
+def test_dci_blend_on_a_toy_attention_layer_matches_hand_computed_weights(scale):
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     from pristine.dci import BlendCrossAttention, BlendPlan
@@ -110,7 +111,7 @@ def test_dci_blend_on_a_toy_attention_layer_matches_hand_computed_weights():
     x = torch.randn(2, pixels, 8)  # row 0: concept branch, row 1: auxiliary branch
     ctx = torch.randn(2, tokens, 6)
     concept_at, noun_at, len_c, len_a, lam = [2, 3], [2], 4, 3, 0.7
-    plan = BlendPlan(0, 1, [concept_at], [noun_at], [len_c], [len_a], lam)
+    plan = BlendPlan(0, 1, [concept_at], [noun_at], [len_c], [len_a], lam, *([scale] if scale else []))
     with torch.no_grad():
         got = BlendCrossAttention(AttnProcessor(), {"plan": plan})(attn, x, encoder_hidden_states=ctx)
         plain = BlendCrossAttention(AttnProcessor(), {"plan": None})(attn, x, encoder_hidden_states=ctx)
@@ -134,7 +135,8 @@ def test_dci_blend_on_a_toy_attention_layer_matches_hand_computed_weights():
     for h in range(heads):
         a_c = np.array([sum(_softmax(10 * probs[0, h, p, 1:1 + len_c])[i - 1] for i in concept_at) for p in range(pixels)])
         a_a = np.array([1 - sum(_softmax(10 * probs[1, h, p, 1:1 + len_a])[i - 1] for i in noun_at) for p in range(pixels)])
-        m_c, m_a = 500 * _softmax(10 * a_c), 500 * _softmax(10 * a_a)
+        constant = scale or 500
+        m_c, m_a = constant * _softmax(10 * a_c), constant * _softmax(10 * a_a)
         for p in range(pixels):
             w_c, w_a = _softmax(np.array([m_c[p], lam * m_a[p]]))
             blended[0, h, p] = w_c * outs[0, h, p] + w_a * outs[1, h, p]
@@ -251,3 +253,12 @@ def test_ico_is_refused_in_one_line_by_a_family_without_a_place_for_contexts(tmp
     bb = load_backbone(str(build_tiny_sdxl(tmp_path / "sdxl")))
     with pytest.raises(UsageError, match="--ico: the sdxl family"):
         bb.context_init("a", 1)
+
+
+@pytest.mark.parametrize("value", [0, -3.0, float("nan"), True])
+def test_a_bad_dci_scale_is_one_line_naming_the_setting(value):
+    from pristine.errors import UsageError
+    from pristine.sampling import SampleSettings
+
+    with pytest.raises(UsageError, match=r"run.yaml.dci_scale \(--dci-scale\): a positive number"):
+        SampleSettings.from_dict({"prompts": ["a <v1> star"], "sampler": "dci", "dci_scale": value}, "run.yaml")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -347,7 +348,7 @@ def sample_settings_from_args(args):
 
     values = load_config_file(args.config) if args.config else {}
     where = args.config or "flags"
-    for key in ("model", "n", "seed", "steps", "scheduler", "sampler", "agg_time", "dci_lambda", "negative_prompt",
+    for key in ("model", "n", "seed", "steps", "scheduler", "sampler", "agg_time", "dci_lambda", "dci_scale", "negative_prompt",
                 "lora_scale", "height", "width"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -498,13 +499,15 @@ def cmd_bench_context(args) -> None:
     for flag, value, low, high in (("--agg-time", args.agg_time, 0, 1), ("--dci-lambda", args.dci_lambda, -2, 2)):
         if not low <= value <= high:
             raise UsageError(f"{flag}: must be a number from {low} to {high}, got {value}")
+    if not (math.isfinite(args.dci_scale) and args.dci_scale > 0):
+        raise UsageError(f"--dci-scale: must be a positive number (the authors' 500), got {args.dci_scale}")
     try:
         concepts = concept_set("quick" if args.quick and args.concepts == "dev" else args.concepts)
     except KeyError as e:
         raise UsageError(f"--concepts: {e.args[0]}")
     settings = ContextBenchSettings(rows, concepts, seeds=args.seeds or (2 if args.quick else 4),
                                     sample_steps=args.sample_steps or (20 if args.quick else 30),
-                                    agg_time=args.agg_time, dci_lambda=args.dci_lambda,
+                                    agg_time=args.agg_time, dci_lambda=args.dci_lambda, dci_scale=args.dci_scale,
                                     train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
     out = Path(args.out)
     names = [c.name for c in concepts]
@@ -866,6 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "engine's loop)")
     sa.add_argument("--agg-time", type=float, help="dci: the early fraction of the steps with both branches (default 0.3)")
     sa.add_argument("--dci-lambda", type=float, help="dci: λ in [-2, 2], the auxiliary branch's pull (default 0)")
+    sa.add_argument("--dci-scale", type=float,
+                    help="dci: the constant in front of the pixel softmax (default 500, the authors', made for SD1.x at "
+                         "512 px; a model with smaller attention maps needs it smaller in proportion to their pixels)")
     sa.add_argument("--dci-own-guidance", action="store_true",
                     help="dci: guide the auxiliary branch from its own f(∅) (default: the concept branch's, shared)")
     sa.add_argument("--no-token-ok", action="store_true", help="allow prompts without the run's token")
@@ -912,6 +918,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--train-steps", type=_positive("--train-steps"))
     bc.add_argument("--agg-time", type=float, default=0.3, help="DCI rows: the early fraction of the steps (default 0.3)")
     bc.add_argument("--dci-lambda", type=float, default=0.0, help="DCI rows: λ in [-2, 2] (default 0)")
+    bc.add_argument("--dci-scale", type=float, default=500.0,
+                    help="DCI rows: the constant in front of the pixel softmax (default 500, the authors')")
     _parts_flags(bc)
     bc.set_defaults(func=cmd_bench_context)
     ba = bench.add_parser("attribute", help="MiniBench's attribute task: SPF and LoRA teaching held-out pattern words")

@@ -21,12 +21,15 @@ from .phrases import phrase_spans, remove_phrase
 from .sampling import GuidedSampler, Term
 
 SHARPNESS = 10.0  # softmax(10 x) over tokens and over pixels
-SCALE = 500.0  # the authors' constant in front of the pixel softmax (not the pixel count)
+# the authors' constant in front of the pixel softmax (not the pixel count). Made for SD1.x at 512 px,
+# whose cross-attention maps have 4096, 1024, 256 and 64 pixels: on a model with smaller maps the same
+# constant gives every pixel a larger share, and w_c goes to 1 everywhere (`scale` changes it)
+SCALE = 500.0
 AUX_SEED_OFFSET = 7_919  # the auxiliary latent's noise: seed + this, so it never is the concept's own
 
 
 def dci_weights(probs_c: torch.Tensor, probs_a: torch.Tensor, concept_at: list[int], noun_at: list[int],
-                length_c: int, length_a: int, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+                length_c: int, length_a: int, lam: float, scale: float = SCALE) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_c, w_a), each (heads, pixels), from one concept row's and one auxiliary row's attention
     probabilities (heads, pixels, tokens). Positions count the start token as 0; lengths are the prompts'
     own tokens, which sit at 1..length."""
@@ -34,8 +37,8 @@ def dci_weights(probs_c: torch.Tensor, probs_a: torch.Tensor, concept_at: list[i
     renorm_a = (SHARPNESS * probs_a[..., 1:1 + length_a]).softmax(-1)
     on_concept = renorm_c[..., [p - 1 for p in concept_at]].sum(-1)
     off_noun = 1 - renorm_a[..., [p - 1 for p in noun_at]].sum(-1)
-    m_c = SCALE * (SHARPNESS * on_concept).softmax(-1)  # over pixels
-    m_a = SCALE * (SHARPNESS * off_noun).softmax(-1)
+    m_c = scale * (SHARPNESS * on_concept).softmax(-1)  # over pixels
+    m_a = scale * (SHARPNESS * off_noun).softmax(-1)
     w = torch.stack([m_c, lam * m_a]).softmax(0)  # over the two branches
     return w[0], w[1]
 
@@ -52,6 +55,7 @@ class BlendPlan:
     length_c: list[int]
     length_a: list[int]
     lam: float
+    scale: float = SCALE
 
     def blend(self, out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """out (batch, heads, pixels, head_dim), probs (batch, heads, pixels, tokens): O_c <- w_c O_c + w_a O_a."""
@@ -59,7 +63,7 @@ class BlendPlan:
         for r in range(len(self.concept_at)):
             c, a = self.concept + r, self.aux + r
             w_c, w_a = dci_weights(probs[c].float(), probs[a].float(), self.concept_at[r], self.noun_at[r],
-                                   self.length_c[r], self.length_a[r], self.lam)
+                                   self.length_c[r], self.length_a[r], self.lam, self.scale)
             out[c] = (w_c[..., None] * out[c].float() + w_a[..., None] * out[a].float()).to(out.dtype)
         return out
 
@@ -121,9 +125,9 @@ class DCISampler(GuidedSampler):
     """The engine's loop with DCI's two branches for the first `agg_time` of the steps."""
 
     def __init__(self, unconditional, scheduler: str = "ddim", agg_time: float = 0.3, lam: float = 0.0,
-                 shared_guidance: bool = True):
+                 shared_guidance: bool = True, scale: float = SCALE):
         super().__init__(unconditional, scheduler)
-        self.agg_time, self.lam, self.shared_guidance = agg_time, lam, shared_guidance
+        self.agg_time, self.lam, self.shared_guidance, self.scale = agg_time, lam, shared_guidance, scale
 
     def concept_term(self, terms: list[Term]) -> int:
         """The one guidance term whose prompt names its run's token: the concept branch."""
@@ -150,7 +154,7 @@ class DCISampler(GuidedSampler):
         branches = [branch_prompts(backbone, p, tokens, classes) for p in term.prompts]
         # rows: the concept branch's n, then the auxiliary branch's n (set by dci_predictions)
         plan = BlendPlan(0, n, [b["concept_at"] for b in branches], [b["noun_at"] for b in branches],
-                         [b["length_c"] for b in branches], [b["length_a"] for b in branches], self.lam)
+                         [b["length_c"] for b in branches], [b["length_a"] for b in branches], self.lam, self.scale)
         return [b["aux"] for b in branches], plan
 
     def dci_predictions(self, x, x_aux, t, terms: list[Term], k: int, aux_cond: dict, plan: BlendPlan, state: dict):

@@ -106,6 +106,7 @@ class SampleSettings:
     sampler: str = ""
     agg_time: float = 0.3  # dci: the early fraction of the steps with the auxiliary branch
     dci_lambda: float = 0.0  # dci: λ, the auxiliary branch's pull in the blend, in [-2, 2]
+    dci_scale: float = 500.0  # dci: the constant in front of the pixel softmax (the authors' 500, made for SD1.x at 512 px)
     shared_guidance: bool = True  # dci: the auxiliary branch guided from the concept branch's f(∅)
     # what the guidance starts from instead of ∅, as a diffusers pipeline's negative_prompt
     negative_prompt: str = ""
@@ -114,7 +115,7 @@ class SampleSettings:
     width: int = 0
 
     OPTIONAL = ("model", "n", "seed", "steps", "scheduler", "allow_pickle", "unconditional", "sampler", "agg_time",
-                "dci_lambda", "shared_guidance", "negative_prompt", "lora_scale", "height", "width")
+                "dci_lambda", "dci_scale", "shared_guidance", "negative_prompt", "lora_scale", "height", "width")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "SampleSettings":
@@ -151,6 +152,9 @@ class SampleSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise UsageError(f"{where}.{name} ({flag}): must be a number from {low:g} to {high:g}, got {value!r}")
+        if isinstance(self.dci_scale, bool) or not isinstance(self.dci_scale, (int, float)) or not (
+                math.isfinite(self.dci_scale) and self.dci_scale > 0):
+            raise UsageError(f"{where}.dci_scale (--dci-scale): a positive number (the authors' 500), got {self.dci_scale!r}")
         if not isinstance(self.shared_guidance, bool):
             raise UsageError(f"{where}.shared_guidance: true or false, got {self.shared_guidance!r}")
         if not isinstance(self.negative_prompt, str):
@@ -566,7 +570,7 @@ def sample(settings: SampleSettings | None = None, models: Models | None = None,
     denoisers = [models.run(g.adapter) if g.adapter else models.original for g in settings.guides]
     unconditional = models.run(settings.unconditional) if settings.unconditional else None
     engine = sampler_for(models, denoisers, settings.scheduler, unconditional, settings.sampler,
-                         **({"agg_time": settings.agg_time, "lam": settings.dci_lambda,
+                         **({"agg_time": settings.agg_time, "lam": settings.dci_lambda, "scale": settings.dci_scale,
                              "shared_guidance": settings.shared_guidance} if settings.sampler == "dci" else {}))
     engine.negative_prompt = settings.negative_prompt
     if settings.height or settings.width:

@@ -50,6 +50,7 @@ class ContextBenchSettings:
     guidance: float = 5.0
     agg_time: float = 0.3
     dci_lambda: float = 0.0
+    dci_scale: float = 500.0
     train_steps: int | None = None  # overrides the budgets' steps (quick runs)
     part: tuple[int, int] | None = None  # (i, n): train and draw only every n-th concept from the i-th, no table
 
@@ -70,7 +71,7 @@ def _draw(run: Path, prompts: list[str], settings: ContextBenchSettings, dci: bo
     sampling = SampleSettings(guides=[Guide(prompt="{prompt}", weight=settings.guidance, adapter=str(run))],
                               prompts=prompts, n=settings.seeds, seed=0, steps=settings.sample_steps,
                               unconditional=str(run), sampler="dci" if dci else "", agg_time=settings.agg_time,
-                              dci_lambda=settings.dci_lambda)
+                              dci_lambda=settings.dci_lambda, dci_scale=settings.dci_scale)
     sampling.validate("bench context")
     models = Models("mini")
     models.run(str(run))  # loaded before the clock starts: time per picture is sampling alone
@@ -137,7 +138,9 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
     seeds = list(range(settings.seeds))
     fingerprint = json.dumps({"seeds": settings.seeds, "steps": settings.sample_steps, "guidance": settings.guidance,
                               "agg_time": settings.agg_time, "dci_lambda": settings.dci_lambda,
-                              "train_steps": settings.train_steps}, sort_keys=True)
+                              "train_steps": settings.train_steps,
+                              **({"dci_scale": settings.dci_scale} if settings.dci_scale != 500.0 else {})},
+                             sort_keys=True)
     records, seconds = {r: [] for r in settings.rows}, {r: [] for r in settings.rows}
     for concept in my_slice(settings.concepts, settings.part):
         scenes, prompts, _ = prompts_for(concept)
@@ -164,7 +167,7 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
     results = {"settings": {"rows": settings.rows, "concepts": [c.name for c in settings.concepts], "seeds": seeds,
                             "sample_steps": settings.sample_steps, "guidance": settings.guidance,
                             "agg_time": settings.agg_time, "dci_lambda": settings.dci_lambda,
-                            "train_steps": settings.train_steps},
+                            "dci_scale": settings.dci_scale, "train_steps": settings.train_steps},
                "summary": {r: summarize(records[r], seconds[r]) for r in settings.rows},
                "records": {r: records[r] for r in settings.rows}}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
