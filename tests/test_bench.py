@@ -260,3 +260,15 @@ def test_a_finished_run_trained_with_other_settings_is_not_reused(tiny, star_ima
     path.write_text(yaml.safe_dump(text))
     with pytest.raises(UsageError, match="a finished run trained with method_args.alpha 5.0, but this benchmark now trains 4.0"):
         train_unless_finished(config())
+
+
+def test_progress_of_a_bench_in_parts_counts_only_pictures_drawn_with_its_settings(tmp_path):
+    """A bench re-run with other settings draws every piece again: its progress must not start at 100%."""
+    from pristine.eval.minibench import _save_cached
+    from pristine.eval.parts import pieces_drawn
+
+    _save_cached(tmp_path / "samples" / "lora" / "a.npz", "old", {"images": [np.zeros((2, 2, 3), np.uint8)]})
+    _save_cached(tmp_path / "samples" / "lora" / "b.npz", "new", {"images": [np.zeros((2, 2, 3), np.uint8)]})
+    (tmp_path / "samples" / "lora" / "c.npz").write_bytes(b"PK\x03\x04 damaged")  # not a readable set
+    assert pieces_drawn(tmp_path, ["lora"], ["a", "b", "c"], "(row, concept)") == "3 of 3 (row, concept) pieces drawn"
+    assert pieces_drawn(tmp_path, ["lora"], ["a", "b", "c"], "(row, concept)", "new") == "1 of 3 (row, concept) pieces drawn"

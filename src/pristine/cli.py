@@ -426,7 +426,7 @@ def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
 
 
 def cmd_bench_mini(args) -> None:
-    from .eval.minibench import BenchSettings, concept_set, run_bench
+    from .eval.minibench import BenchSettings, _fingerprint, concept_set, run_bench
     from .eval.parts import parse_part, pieces_drawn
 
     methods = _bench_methods(args.methods)
@@ -439,8 +439,9 @@ def cmd_bench_mini(args) -> None:
                              train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
     out = Path(args.out)
     names = [c.name for c in concepts]
+    drawn_with = _fingerprint(settings) if args.workers and args.workers > 1 else None  # hashes the model: once
     if not _in_parts(args, out, lambda: run_bench(out, settings),
-                     lambda: pieces_drawn(out, methods, names, "(method, concept)")):
+                     lambda: pieces_drawn(out, methods, names, "(method, concept)", drawn_with)):
         print(f"report: {run_bench(out, settings)}")
 
 
@@ -487,7 +488,7 @@ def cmd_bench_guidance(args) -> None:
 
 def cmd_bench_context(args) -> None:
     from .eval.minibench import concept_set
-    from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, run_context_bench
+    from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, context_fingerprint, run_context_bench
     from .eval.parts import parse_part, pieces_drawn
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -512,7 +513,7 @@ def cmd_bench_context(args) -> None:
     out = Path(args.out)
     names = [c.name for c in concepts]
     if not _in_parts(args, out, lambda: run_context_bench(out, settings),
-                     lambda: pieces_drawn(out, rows, names, "(row, concept)")):
+                     lambda: pieces_drawn(out, rows, names, "(row, concept)", context_fingerprint(settings))):
         print(f"table: {run_context_bench(out, settings)}")
 
 
@@ -536,7 +537,7 @@ def cmd_bench_attribute(args) -> None:
 
 
 def cmd_bench_multi(args) -> None:
-    from .eval.minibench_multi import MultiSettings, budget, group_name, group_set, run_multi
+    from .eval.minibench_multi import MultiSettings, budget, group_name, group_set, multi_fingerprint, run_multi
     from .eval.parts import parse_part, pieces_drawn
 
     try:
@@ -552,7 +553,7 @@ def cmd_bench_multi(args) -> None:
     out = Path(args.out)
     names = [group_name(g) for g in groups]
     if not _in_parts(args, out, lambda: run_multi(out, settings),
-                     lambda: pieces_drawn(out, methods, names, "(method, group)")):
+                     lambda: pieces_drawn(out, methods, names, "(method, group)", multi_fingerprint(settings))):
         print(f"results: {run_multi(out, settings)}")
 
 

@@ -55,6 +55,14 @@ class ContextBenchSettings:
     part: tuple[int, int] | None = None  # (i, n): train and draw only every n-th concept from the i-th, no table
 
 
+def context_fingerprint(settings: ContextBenchSettings) -> str:
+    """What a row's cached pictures depend on besides its run and the concept."""
+    return json.dumps({"seeds": settings.seeds, "steps": settings.sample_steps, "guidance": settings.guidance,
+                       "agg_time": settings.agg_time, "dci_lambda": settings.dci_lambda,
+                       "train_steps": settings.train_steps,
+                       **({"dci_scale": settings.dci_scale} if settings.dci_scale != 500.0 else {})}, sort_keys=True)
+
+
 def row_training(row: str, train_steps: int | None) -> tuple[str, str, dict]:
     """(run folder name, method, TrainConfig settings) of a row: rows differing only by DCI share a run."""
     budget, ico, _ = CONTEXT_ROWS[row]
@@ -136,11 +144,7 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
     claim_folder(out)
     judges = Judges()
     seeds = list(range(settings.seeds))
-    fingerprint = json.dumps({"seeds": settings.seeds, "steps": settings.sample_steps, "guidance": settings.guidance,
-                              "agg_time": settings.agg_time, "dci_lambda": settings.dci_lambda,
-                              "train_steps": settings.train_steps,
-                              **({"dci_scale": settings.dci_scale} if settings.dci_scale != 500.0 else {})},
-                             sort_keys=True)
+    fingerprint = context_fingerprint(settings)
     records, seconds = {r: [] for r in settings.rows}, {r: [] for r in settings.rows}
     for concept in my_slice(settings.concepts, settings.part):
         scenes, prompts, _ = prompts_for(concept)

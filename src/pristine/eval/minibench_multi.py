@@ -219,6 +219,12 @@ def summarize(records: list[dict]) -> dict:
 # ---- the run -----------------------------------------------------------------------------------
 
 
+def multi_fingerprint(settings: MultiSettings) -> str:
+    """What a row's cached pictures depend on besides its run and the group."""
+    return json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps,
+                       "guidance": settings.guidance, "train_steps": settings.train_steps}, sort_keys=True)
+
+
 def run_multi(out: Path, settings: MultiSettings) -> Path:
     """Train every (row, group), draw the joint and the single prompts with fixed seeds, judge them;
     finished runs and drawn pictures are kept, so a stopped benchmark resumes where it was."""
@@ -236,8 +242,7 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
     claim_folder(out)
     oracle = mini.load_oracle()
     seeds = list(range(settings.seeds))
-    fingerprint = json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps,
-                              "guidance": settings.guidance, "train_steps": settings.train_steps}, sort_keys=True)
+    fingerprint = multi_fingerprint(settings)
     records: list[dict] = []
     for group in my_slice(settings.groups, settings.part):
         gname = group_name(group)

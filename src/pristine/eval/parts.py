@@ -30,10 +30,23 @@ def my_slice(items: list, part: tuple[int, int] | None) -> list:
     return items if part is None else items[part[0] :: part[1]]
 
 
-def pieces_drawn(out: Path, rows: list[str], names: list[str], what: str) -> str:
+def pieces_drawn(out: Path, rows: list[str], names: list[str], what: str, fingerprint: str | None = None) -> str:
     """How far a bench folder is: the pictures of each (row, name) piece are out/samples/ROW/NAME.npz
-    in every bench that runs in parts."""
-    drawn = sum((out / "samples" / row / f"{name}.npz").is_file() for row in rows for name in names)
+    in every bench that runs in parts; with `fingerprint`, pictures drawn under other settings (which
+    the bench draws again) do not count."""
+    import zipfile
+
+    from .minibench import _load_cached
+
+    def drawn_now(path: Path) -> bool:
+        if fingerprint is None:
+            return path.is_file()
+        try:
+            return _load_cached(path, fingerprint) is not None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: drawn again
+            return False
+
+    drawn = sum(drawn_now(out / "samples" / row / f"{name}.npz") for row in rows for name in names)
     return f"{drawn} of {len(rows) * len(names)} {what} pieces drawn"
 
 
