@@ -272,3 +272,21 @@ def test_progress_of_a_bench_in_parts_counts_only_pictures_drawn_with_its_settin
     (tmp_path / "samples" / "lora" / "c.npz").write_bytes(b"PK\x03\x04 damaged")  # not a readable set
     assert pieces_drawn(tmp_path, ["lora"], ["a", "b", "c"], "(row, concept)") == "3 of 3 (row, concept) pieces drawn"
     assert pieces_drawn(tmp_path, ["lora"], ["a", "b", "c"], "(row, concept)", "new") == "1 of 3 (row, concept) pieces drawn"
+
+
+def test_cached_pictures_older_than_their_run_are_drawn_again(tmp_path):
+    """A run retrained by a process stopped before it drew again: the pictures on disk are an earlier model's."""
+    import os
+
+    from pristine.eval.minibench import _load_cached, _save_cached
+
+    run, cached = tmp_path / "run", tmp_path / "samples" / "lora" / "a.npz"
+    run.mkdir()
+    (run / "DONE").write_text("")
+    _save_cached(cached, "fp", {"images": [np.zeros((2, 2, 3), np.uint8)]})
+    done_at = cached.stat().st_mtime
+    os.utime(run / "DONE", (done_at - 10, done_at - 10))
+    assert _load_cached(cached, "fp", run) is not None  # drawn after the run finished
+    os.utime(run / "DONE", (done_at + 10, done_at + 10))
+    assert _load_cached(cached, "fp", run) is None  # the run finished again after they were drawn
+    assert _load_cached(cached, "fp") is not None  # pictures of no run (the original model's) are kept

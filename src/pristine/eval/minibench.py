@@ -427,8 +427,11 @@ def _fingerprint(settings: BenchSettings) -> str:
                        "train_steps": settings.train_steps, "model": model_id()}, sort_keys=True)
 
 
-def _load_cached(path: Path, fingerprint: str) -> dict | None:
-    if not path.is_file():
+def _load_cached(path: Path, fingerprint: str, run: Path | None = None) -> dict | None:
+    """The pictures cached at `path` if they were drawn with these settings and, given the `run` that
+    drew them, after it finished: pictures of an earlier model of the run do not count (even when the
+    process that retrained it was stopped before drawing again)."""
+    if not path.is_file() or (run is not None and path.stat().st_mtime < (run / "DONE").stat().st_mtime):
         return None
     with np.load(path) as f:
         if str(f["fingerprint"]) != fingerprint:
@@ -483,7 +486,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
             samples_file = out / "samples" / method / f"{concept.name}.npz"
             timing_file = samples_file.with_suffix(".json")
             timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-            custom = _load_cached(samples_file, fingerprint)
+
             def train_run(folder: Path, run_budget: dict) -> bool:
                 return train_unless_finished(TrainConfig(
                     out=str(folder), model="mini", method=method_name, seed=0, resume="latest",
@@ -500,7 +503,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
             if train_run(run, budget):
                 # a shared stage 1 counts in full for every row that uses it: what one run costs
                 timing["train_s"] = round(time.perf_counter() - t0 + stage1_s, 1)
-                custom = None  # a newly trained model: pictures of an earlier one do not count
+            custom = _load_cached(samples_file, fingerprint, run)
             if custom is None:
                 t0 = time.perf_counter()
                 pipe = load_pipeline("mini", str(run))

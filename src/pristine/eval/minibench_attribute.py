@@ -192,9 +192,7 @@ def run_attribute_bench(out: Path, settings: AttributeBenchSettings) -> Path:
 
     def cached(name: str, make, run: Path | None = None):
         path = out / "samples" / f"{name}.npz"
-        found = _load_cached(path, fingerprint)
-        if found is not None and run is not None and path.stat().st_mtime < (run / "DONE").stat().st_mtime:
-            found = None  # pictures of an earlier model of this run do not count
+        found = _load_cached(path, fingerprint, run)
         if found is None:
             found = make()
             _save_cached(path, fingerprint, found)

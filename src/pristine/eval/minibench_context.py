@@ -60,6 +60,7 @@ def context_fingerprint(settings: ContextBenchSettings) -> str:
     return json.dumps({"seeds": settings.seeds, "steps": settings.sample_steps, "guidance": settings.guidance,
                        "agg_time": settings.agg_time, "dci_lambda": settings.dci_lambda,
                        "train_steps": settings.train_steps,
+                       # only when not the default: pictures cached before the setting existed stay valid
                        **({"dci_scale": settings.dci_scale} if settings.dci_scale != 500.0 else {})}, sort_keys=True)
 
 
@@ -156,9 +157,7 @@ def run_context_bench(out: Path, settings: ContextBenchSettings) -> Path:
                                               concepts=[ConceptSpec(str(images_dir), TOKEN, concept.class_word)],
                                               **budget))
             cached = out / "samples" / row / f"{concept.name}.npz"
-            found = _load_cached(cached, fingerprint)
-            if found is not None and cached.stat().st_mtime < (run / "DONE").stat().st_mtime:
-                found = None  # pictures of an earlier model of this run do not count
+            found = _load_cached(cached, fingerprint, run)
             if found is None:
                 images, per_picture = _draw(run, prompts, settings, CONTEXT_ROWS[row][2])
                 found = {"images": images, "seconds_per_picture": [np.float64(per_picture)]}

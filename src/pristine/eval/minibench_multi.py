@@ -255,10 +255,9 @@ def run_multi(out: Path, settings: MultiSettings) -> Path:
             name, settings_ = budget(method, group, settings.train_steps)
             run = out / "runs" / method / gname
             samples = out / "samples" / method / f"{gname}.npz"
-            images = _load_cached(samples, fingerprint)
-            if train_unless_finished(TrainConfig(out=str(run), model="mini", method=name, seed=0, resume="latest",
-                                                 concepts=specs, **settings_)):
-                images = None  # pictures of an earlier model do not count
+            train_unless_finished(TrainConfig(out=str(run), model="mini", method=name, seed=0, resume="latest",
+                                              concepts=specs, **settings_))
+            images = _load_cached(samples, fingerprint, run)
             if images is None:
                 pipe = load_pipeline("mini", str(run))
 
