@@ -112,6 +112,22 @@ def _engine_draws_what_the_pipeline_draws_with_a_text_encoder_lora(model, run, t
     assert np.array_equal(reference, np.stack(ours)) and not np.array_equal(reference, original)
 
 
+def test_lora_beyond_the_attention_projections_loads_every_layer(tiny, star_images, tmp_path, capsys):
+    """diffusers' loader reads a UNet LoRA file in one layout, chosen from its first key: every layer of a
+    run that targets more than the attention projections comes back, not only one layout's half."""
+    targets = ["proj_in", "to_k", "to_v", "conv1"]
+    run = tmp_path / "run"
+    _train(capsys, "--model", str(tiny), "--images", str(star_images), "--token", "<v1>", "--class-word", "star",
+           "--steps", "2", "--lr", "1e-2", "--checkpoint-every", "0", "--method-arg", f"targets=[{','.join(targets)}]",
+           "--out", str(run))
+    pipe = _pipe(tiny)
+    wanted = {n for n, _ in pipe.unet.named_modules() if any(n.endswith("." + t) for t in targets)}
+    assert any(n.endswith("conv1") for n in wanted) and any(n.endswith("to_k") for n in wanted)
+    pipe.load_lora_weights(str(run))
+    loaded = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert loaded == wanted
+
+
 def test_custom_diffusion_run_loads_through_diffusers_attention_processors(tiny, star_images, tmp_path, capsys):
     """pytorch_custom_diffusion_weights.safetensors with `unet.load_attn_procs` and learned_embeds with
     `load_textual_inversion` draw what `pristine sample` draws from the run."""

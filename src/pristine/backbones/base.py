@@ -231,7 +231,7 @@ class Backbone(ABC):
         from diffusers.utils import convert_state_dict_to_diffusers
 
         if self.LORA_PREFIX == "unet":  # the UNet loaders read diffusers' names; the transformer ones peft's own
-            layers = convert_state_dict_to_diffusers(layers)
+            layers = {_diffusers_lora_name(k): v for k, v in convert_state_dict_to_diffusers(layers).items()}
         parts = {f"{self.LORA_PREFIX}_lora_layers": {k: v.float() for k, v in layers.items()},
                  f"{self.LORA_PREFIX}_lora_adapter_metadata": metadata}
         for name, encoder_layers in (text_layers or {}).items():
@@ -452,3 +452,10 @@ def _add_token_rows(tokenizer, encoder, token: str, vectors: torch.Tensor) -> No
 def pipeline_denoiser(pipe) -> torch.nn.Module:
     """The denoiser of a diffusers pipeline of any family here."""
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def _diffusers_lora_name(key: str) -> str:
+    """Every layer in diffusers' UNet LoRA names. Its converter renames only the attention projections,
+    and diffusers' loader decides the file's layout from its first key: a file mixing both layouts
+    (LoRA on resnet convs or feed-forwards beside attention) loaded with half its layers silently gone."""
+    return key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
