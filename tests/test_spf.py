@@ -254,22 +254,28 @@ def _fused_unet(model, run=None):
     return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 
 
-def test_incremental_run_keeps_the_first_adapter_and_writes_one_lora(tiny, zigzag, gradient, tmp_path):
+@pytest.mark.parametrize("targets", [None, ["to_k", "to_v", "conv1"]])
+def test_incremental_run_keeps_the_first_adapter_and_writes_one_lora(tiny, zigzag, gradient, tmp_path, targets):
+    """Also with LoRA on resnet convolutions beside cross-attention (their factors are 4-d)."""
     from pristine.lora_factors import adapter_factors
     from pristine.sample import load_pipeline
 
     first, second = tmp_path / "zigzag", tmp_path / "gradient"
     args = ["--model", str(tiny), "--method", "spf", "--class-word", "pattern", "--lr", "1e-2", "--steps", "3",
             "--method-arg", "stage1_steps=1"]
+    if targets:
+        args += ["--method-arg", f"targets=[{','.join(targets)}]"]
     assert main(["train", *args, "--images", str(zigzag), "--token", "zigzag", "--out", str(first)]) == 0
     assert main(["train", *args, "--images", str(gradient), "--token", "gradient", "--out", str(second),
                  "--init-run", str(first)]) == 0
     base = _fused_unet(tiny)
     d_first, d_both = _effective(_fused_unet(tiny, first), base), _effective(_fused_unet(tiny, second), base)
     # the second run's own change, from its saved learner
-    method = _spf(tiny, gradient, "gradient", stage="2", stage1_run=str(second), init_run=str(first))
+    method = _spf(tiny, gradient, "gradient", stage="2", stage1_run=str(second), init_run=str(first),
+                  **({"targets": targets} if targets else {}))
     own = adapter_factors(method.backbone.denoiser, "learner")
-    assert own and set(d_both) == {f"{n}.weight" for n in own}  # only cross-attention moved
+    assert own and set(d_both) == {f"{n}.weight" for n in own}  # only the targeted layers moved
+    assert any(n.endswith("conv1") for n in own) == bool(targets)
     for name, f in own.items():
         key = f"{name}.weight"
         expected = d_first.get(key, 0) + f.delta()

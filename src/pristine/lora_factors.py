@@ -22,12 +22,13 @@ READING = "_pristine_reading"  # the temporary adapter a saved LoRA is read thro
 
 @dataclass
 class Factors:
-    a: torch.Tensor  # (rank, in)
-    b: torch.Tensor  # (out, rank)
+    a: torch.Tensor  # (rank, in), or (rank, in, kh, kw) on a convolution
+    b: torch.Tensor  # (out, rank), or (out, rank, 1, 1)
     scale: float = 1.0
 
     def delta(self) -> torch.Tensor:
-        return self.scale * (self.b.float() @ self.a.float())
+        product = self.b.float().flatten(1) @ self.a.float().flatten(1)
+        return self.scale * product.reshape(self.b.shape[0], *self.a.shape[1:])
 
 
 def adapter_factors(denoiser, adapter: str) -> dict[str, Factors]:
