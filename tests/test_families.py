@@ -167,17 +167,24 @@ def test_resume_ends_with_the_same_weights_with_prior_preservation(models, star_
     assert len(list((tmp_path / ".class_images").glob("*/*.png"))) == 2  # the family's own pipeline drew them
 
 
-def test_sdxl_kohya_layout_round_trips_through_diffusers_conversion(models, star_images, tmp_path, capsys):
+@pytest.mark.parametrize("convs", [False, True])
+def test_sdxl_kohya_layout_round_trips_through_diffusers_conversion(models, star_images, tmp_path, capsys, convs):
     """lora_kohya.safetensors (kohya / ComfyUI names) read by diffusers' own kohya conversion draws what
-    the diffusers-layout file draws."""
+    the diffusers-layout file draws; with `convs`, LoRA on the resnets too (kohya's conv_dim)."""
     from safetensors.torch import load_file
 
     folder, run = models("sdxl"), tmp_path / "run"
+    targets = ["--method-arg", "targets=[to_q,to_k,to_v,to_out.0,conv1,conv2,time_emb_proj]"] if convs else []
     code, err = train_cli(capsys, "--model", str(folder), "--images", str(star_images), "--token", "<v1>",
                           "--class-word", "star", "--steps", "3", "--lr", "1e-2", "--method-arg", "train_token=false",
-                          "--train-text-encoder", "--export", "kohya", "--out", str(run))
+                          *targets, "--train-text-encoder", "--export", "kohya", "--out", str(run))
     assert code == 0, err
     kohya = load_file(str(run / "lora_kohya.safetensors"))
+    if convs:  # every resnet of the original UNet, by its own names
+        for layer in ("in_layers_2", "out_layers_3", "emb_layers_1"):
+            assert any(k.startswith("lora_unet_input_blocks_") and f"_0_{layer}.lora_down" in k for k in kohya), layer
+            assert any(k.startswith("lora_unet_middle_block_2_") and layer in k for k in kohya), layer
+            assert any(k.startswith("lora_unet_output_blocks_") and f"_0_{layer}.lora_up" in k for k in kohya), layer
     assert kohya and any(k.endswith(".alpha") for k in kohya)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}  # kohya's SDXL prefixes, text encoders too
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in kohya  # SGM block names
@@ -188,14 +195,17 @@ def test_sdxl_kohya_layout_round_trips_through_diffusers_conversion(models, star
 def _kohya_draws_what_the_diffusers_file_draws(folder, run, text_encoders=()):
     """Plain load_lora_weights(file) of the kohya file (diffusers converts it) against the diffusers file;
     `text_encoders`: those that must have got their LoRA layers from either file."""
-    pictures = []
+    pictures, layers = [], []
     for weights in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", None):
         pipe = family_pipeline(folder)
         if weights:
             pipe.load_lora_weights(str(run / weights))
+            denoiser = getattr(pipe, "unet", None) or pipe.transformer
+            layers.append({n for n, m in denoiser.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)})
             for name in text_encoders:
                 assert any("lora_A" in n for n, _ in getattr(pipe, name).named_parameters()), (weights, name)
         pictures.append(image(pipe))
+    assert layers[0] and layers[0] == layers[1]  # every layer of the diffusers file came back from kohya's
     assert np.allclose(pictures[0], pictures[1], atol=2e-3)  # the kohya file is stored in fp16
     assert not np.allclose(pictures[0], pictures[2], atol=1e-4)
 

@@ -31,7 +31,19 @@ def ldm_block(name: str, layers_per_block: int) -> str:
     m = re.match(r"mid_block\.attentions\.0\.(.*)", name)
     if m:
         return f"middle_block.1.{m[1]}"
+    m = re.match(r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?resnets\.(\d+)\.(\w+)$", name)
+    if m and m[4] in _LDM_RESNET:  # a resnet's layers (LoRA on convolutions, kohya's conv_dim)
+        kind, i, j, layer = m[1], int(m[2] or 0), int(m[3]), _LDM_RESNET[m[4]]
+        if kind == "mid_block":
+            return f"middle_block.{2 * j}.{layer}"
+        block = 1 + i * (layers_per_block + 1) + j if kind == "down_blocks" else i * (layers_per_block + 1) + j
+        return f"{'input' if kind == 'down_blocks' else 'output'}_blocks.{block}.0.{layer}"
     raise ValueError(f"no kohya name for UNet module {name!r}")
+
+
+# diffusers' ResnetBlock2D layer -> the original ResBlock's
+_LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
 
 
 def _lora_pairs(state: dict[str, torch.Tensor], prefix: str = "unet") -> dict[str, dict[str, torch.Tensor]]:
