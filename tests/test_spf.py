@@ -378,3 +378,21 @@ def test_attribute_bench_runs_end_to_end_at_tiny_scale(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "attribute", "--rows", "magic", "--out", str(tmp_path / "x")]) == 2
     assert "--rows" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_clip_that_does_not_see_the_phrase_is_named_before_training(tmp_path, capsys):
+    """pristine-mini's CLIP never learnt its held-out pattern words: on their pictures it prefers the
+    caption without the word, so the enhancement loss would pull away from it. A word it knows passes."""
+    from pristine import mini
+    from pristine.world.export import write_renders
+
+    held_out = write_renders(tmp_path / "zigzag", n=24, part="attribute:zigzag")
+    known = write_renders(tmp_path / "known", n=24, part="pretraining")
+    _spf(mini.MODEL_DIR, held_out, "zigzag")
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "prefers the captions without" in line]
+    assert len(warned) == 1 and "'zigzag'" in warned[0] and "enhance_weight=0" in warned[0]
+    _spf(mini.MODEL_DIR, known, "red")
+    assert "prefers" not in capsys.readouterr().err
+    _spf(mini.MODEL_DIR, held_out, "zigzag", enhance_weight=0)  # the term off: nothing to warn of
+    assert "prefers" not in capsys.readouterr().err
