@@ -202,12 +202,12 @@ def test_cached_pictures_are_keyed_by_the_model_weights(tmp_path, monkeypatch):
         shutil.copytree(Path(mini.path()) / part, tmp_path / part)
     monkeypatch.setattr(mini, "path", lambda: str(tmp_path))
     settings = minibench.BenchSettings(methods=["lora"], concepts=["ember_star"])
-    before = minibench._fingerprint(settings)
+    before = minibench.bench_fingerprint(settings)
     weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    assert minibench._fingerprint(settings) != before
+    assert minibench.bench_fingerprint(settings) != before
 
 
 def test_a_bench_folder_refuses_runs_trained_on_another_base_model(tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -426,7 +425,7 @@ def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
 
 
 def cmd_bench_mini(args) -> None:
-    from .eval.minibench import BenchSettings, _fingerprint, concept_set, run_bench
+    from .eval.minibench import BenchSettings, bench_fingerprint, concept_set, run_bench
     from .eval.parts import parse_part, pieces_drawn
 
     methods = _bench_methods(args.methods)
@@ -439,7 +438,7 @@ def cmd_bench_mini(args) -> None:
                              train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
     out = Path(args.out)
     names = [c.name for c in concepts]
-    drawn_with = _fingerprint(settings) if args.workers and args.workers > 1 else None  # hashes the model: once
+    drawn_with = bench_fingerprint(settings) if args.workers and args.workers > 1 else None  # hashes the model: once
     if not _in_parts(args, out, lambda: run_bench(out, settings),
                      lambda: pieces_drawn(out, methods, names, "(method, concept)", drawn_with)):
         print(f"report: {run_bench(out, settings)}")
@@ -489,6 +488,7 @@ def cmd_bench_guidance(args) -> None:
 def cmd_bench_context(args) -> None:
     from .eval.minibench import concept_set
     from .eval.minibench_context import CONTEXT_ROWS, ContextBenchSettings, context_fingerprint, run_context_bench
+    from .sampling import check_dci_settings
     from .eval.parts import parse_part, pieces_drawn
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -497,11 +497,7 @@ def cmd_bench_context(args) -> None:
             raise UsageError(f"--rows: {row!r} is no row of the context task; choose from {', '.join(CONTEXT_ROWS)}")
     if not rows:
         raise UsageError(f"--rows: none given; choose from {', '.join(CONTEXT_ROWS)}")
-    for flag, value, low, high in (("--agg-time", args.agg_time, 0, 1), ("--dci-lambda", args.dci_lambda, -2, 2)):
-        if not low <= value <= high:
-            raise UsageError(f"{flag}: must be a number from {low} to {high}, got {value}")
-    if not (math.isfinite(args.dci_scale) and args.dci_scale > 0):
-        raise UsageError(f"--dci-scale: must be a positive number (the authors' 500), got {args.dci_scale}")
+    check_dci_settings(args.agg_time, args.dci_lambda, args.dci_scale, "bench context")
     try:
         concepts = concept_set("quick" if args.quick and args.concepts == "dev" else args.concepts)
     except KeyError as e:

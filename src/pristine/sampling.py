@@ -87,6 +87,17 @@ class Guide:
         return cls(prompt=prompt, weight=weight, adapter=adapter)
 
 
+def check_dci_settings(agg_time, dci_lambda, dci_scale, where: str) -> None:
+    """DCI's numbers (`pristine sample`'s and `bench context`'s): one line naming the setting and its flag."""
+    for name, flag, value, low, high in (("agg_time", "--agg-time", agg_time, 0.0, 1.0),
+                                         ("dci_lambda", "--dci-lambda", dci_lambda, -2.0, 2.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise UsageError(f"{where}.{name} ({flag}): must be a number from {low:g} to {high:g}, got {value!r}")
+    if isinstance(dci_scale, bool) or not isinstance(dci_scale, (int, float)) or not (
+            math.isfinite(dci_scale) and dci_scale > 0):
+        raise UsageError(f"{where}.dci_scale (--dci-scale): a positive number (the authors' 500), got {dci_scale!r}")
+
+
 @dataclass
 class SampleSettings:
     """Everything one sampling needs; the same from flags, from YAML (`pristine sample --config`) or Python."""
@@ -148,13 +159,7 @@ class SampleSettings:
         if self.sampler not in SAMPLERS:
             raise UsageError(f"{where}.sampler (--sampler): {self.sampler!r} is unknown; choose dci, or leave it out "
                              "for the engine's own loop")
-        for name, flag, low, high in (("agg_time", "--agg-time", 0.0, 1.0), ("dci_lambda", "--dci-lambda", -2.0, 2.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise UsageError(f"{where}.{name} ({flag}): must be a number from {low:g} to {high:g}, got {value!r}")
-        if isinstance(self.dci_scale, bool) or not isinstance(self.dci_scale, (int, float)) or not (
-                math.isfinite(self.dci_scale) and self.dci_scale > 0):
-            raise UsageError(f"{where}.dci_scale (--dci-scale): a positive number (the authors' 500), got {self.dci_scale!r}")
+        check_dci_settings(self.agg_time, self.dci_lambda, self.dci_scale, where)
         if not isinstance(self.shared_guidance, bool):
             raise UsageError(f"{where}.shared_guidance: true or false, got {self.shared_guidance!r}")
         if not isinstance(self.negative_prompt, str):

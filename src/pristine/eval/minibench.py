@@ -421,7 +421,7 @@ def claim_folder(out: Path) -> None:
         atomic_write_text(marker, current + "\n")
 
 
-def _fingerprint(settings: BenchSettings) -> str:
+def bench_fingerprint(settings: BenchSettings) -> str:
     """What a cached sample set depends on besides the method and the concept."""
     return json.dumps({"seeds": settings.seeds, "sample_steps": settings.sample_steps, "guidance": settings.guidance,
                        "train_steps": settings.train_steps, "model": model_id()}, sort_keys=True)
@@ -460,7 +460,7 @@ def run_bench(out: Path, settings: BenchSettings) -> Path:
     claim_folder(out)
     judges = Judges()
     seeds = list(range(settings.seeds))
-    fingerprint = _fingerprint(settings)
+    fingerprint = bench_fingerprint(settings)
     base = load_pipeline("mini")
     records: list[dict] = []
     timings: dict[str, dict[str, dict]] = {}

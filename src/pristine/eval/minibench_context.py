@@ -61,7 +61,7 @@ def context_fingerprint(settings: ContextBenchSettings) -> str:
                        "agg_time": settings.agg_time, "dci_lambda": settings.dci_lambda,
                        "train_steps": settings.train_steps,
                        # only when not the default: pictures cached before the setting existed stay valid
-                       **({"dci_scale": settings.dci_scale} if settings.dci_scale != 500.0 else {})}, sort_keys=True)
+                       **({"dci_scale": settings.dci_scale} if settings.dci_scale != ContextBenchSettings.dci_scale else {})}, sort_keys=True)
 
 
 def row_training(row: str, train_steps: int | None) -> tuple[str, str, dict]:

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -209,6 +208,7 @@ class ClipJudge:
 
         from transformers import CLIPModel, CLIPTokenizer
 
+        self.folder = folder
         self.model = CLIPModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True,
                                                use_safetensors=True).eval().requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -309,38 +309,36 @@ class SPF(Method):
                       "give method_args.clip=DIR to use one", file=sys.stderr)
             else:
                 self.clip = ClipJudge(folder)
-                self._warn_if_clip_misses_the_phrase(folder)
         self._pairs: dict[tuple[str, str, str], CaptionPair] = {}
         return [{"params": params}]
 
-    def _warn_if_clip_misses_the_phrase(self, folder: Path, pictures: int = 32) -> None:
+    def prepare(self, data) -> None:
+        if self.clip is not None:
+            self._warn_if_clip_misses_the_phrase(data)
+
+    def _warn_if_clip_misses_the_phrase(self, data, pictures: int = 32) -> None:
         """The enhancement loss follows the CLIP's direction from base caption to caption; a CLIP that
         never learnt the phrase gives a direction away from it (pristine-mini's CLIP on its held-out
         pattern words prefers the base caption on 77-88% of the training pictures, and the term cut
         SPF's response to zero; docs/BENCHMARKS.md). Said once, on the run's own pictures."""
-        from ..data import read_folder
-
-        for spec in self.concepts:
-            extras: list[dict] = []
-            _, images, captions = read_folder(Path(spec.images), extras)
-            pairs = [(im, cap, e.get("y_base") or remove_phrase(cap, spec.token))
-                     for im, cap, e in zip(images, captions, extras) if cap]
-            chosen = [(im, cap, base) for im, cap, base in pairs if base != cap][:pictures]
+        rows = [i for i in range(len(data)) if not data.is_prior[i]]
+        bases = self.base_captions({"prompts": [data.prompts[i] for i in rows], "concept": data.concept_index[rows],
+                                    "extras": [data.extras[i] for i in rows] if data.extras else None})
+        for k, spec in enumerate(self.concepts):
+            chosen = [(i, base) for i, base in zip(rows, bases)
+                      if int(data.concept_index[i]) == k and base != data.prompts[i]][:pictures]
             if not chosen:
                 continue
-            size = self.clip.size
-            pixels = torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize((size, size)))).permute(2, 0, 1)
-                                  for im, _, _ in chosen]).float() / 127.5 - 1
             with torch.no_grad():
-                img = self.clip.images(pixels)
-            full = self.clip.texts([c for _, c, _ in chosen], "cpu")
-            base = self.clip.texts([b for _, _, b in chosen], "cpu")
-            share = float((F.cosine_similarity(img, full.to(img)) > F.cosine_similarity(img, base.to(img))).float().mean())
+                img = self.clip.images(data.pixels[[i for i, _ in chosen]])
+            full = self.clip.texts([data.prompts[i] for i, _ in chosen], img.device)
+            base = self.clip.texts([b for _, b in chosen], img.device)
+            share = float((F.cosine_similarity(img, full) > F.cosine_similarity(img, base)).float().mean())
             if share < 0.5:
-                print(f"warning: the CLIP in {folder} prefers the captions without {spec.token!r} on {1 - share:.0%} of "
-                      f"{len(chosen)} training pictures: it does not see the attribute, and the response-enhancement "
-                      "loss would pull away from it; give method_args.enhance_weight=0 (or a CLIP that knows the "
-                      "word with method_args.clip=DIR)", file=sys.stderr)
+                print(f"warning: the CLIP in {self.clip.folder} prefers the captions without {spec.token!r} on "
+                      f"{1 - share:.0%} of {len(chosen)} training pictures: it does not see the attribute, and the "
+                      "response-enhancement loss would pull away from it; give method_args.enhance_weight=0 (or a "
+                      "CLIP that knows the word with method_args.clip=DIR)", file=sys.stderr)
 
     def _read_init_run(self, run: Path):
         from ..lora_factors import read_lora
