@@ -209,7 +209,7 @@ def _stage_state(work: Path, stage: str) -> dict:
     return load_file(str(work / stage.replace("-", "_") / "state.safetensors"))
 
 
-@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "unet-joint", "clip-image", "clip-negatives", "vae-world", "vae16"])  # oracle: below, stopped mid-run
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "unet-joint", "clip-image", "clip-negatives", "clip-binding", "vae-world", "vae16"])  # oracle: below, stopped mid-run
 def test_every_pretraining_stage_resumes_to_the_same_weights(tmp_path, stage):
     """Two steps, stop, one more: the same weights and optimizer moments as three straight steps
     (within the warm-up the schedule does not depend on the total)."""
@@ -259,6 +259,46 @@ def test_clip_negatives_starts_from_the_clip_image_tower(tmp_path):
     assert torch.equal(init[key], tower[key]) and not torch.allclose(init[key].float(), shipped[key].float())
     log = [json.loads(line) for line in (work / "clip_image" / "log.jsonl").read_text().splitlines()]
     assert {"shape", "color", "background"} <= set(log[-1])  # per-attribute accuracies are logged
+
+
+def test_clip_binding_continues_the_model_folders_clip_and_reads_places_on_both_towers(tmp_path):
+    """clip-binding fine-tunes out/clip (even where a clip-image tower exists) and logs how well
+    each tower's per-place read-out names the objects."""
+    from safetensors.torch import load_file
+
+    from pristine.cli import main
+
+    out, work = tmp_path / "model", tmp_path / "work"
+    for part in ("clip", "tokenizer"):
+        shutil.copytree(MODEL / part, out / part)
+    common = ["--corpus-size", "64", "--workdir", str(work), "--out", str(out), "--batch-size", "8"]
+    assert main(["mini", "pretrain", "--stage", "clip-image", "--steps", "1", *common]) == 0
+    assert main(["mini", "pretrain", "--stage", "clip-binding", "--steps", "1", *common]) == 0
+    init = load_file(str(work / "clip_binding" / "init" / "model.safetensors"))
+    shipped = load_file(str(MODEL / "clip" / "model.safetensors"))
+    assert all(torch.equal(init[k], shipped[k]) for k in shipped)
+    log = [json.loads(line) for line in (work / "clip_binding" / "log.jsonl").read_text().splitlines()]
+    assert {"binding", "image_slots", "text_slots"} <= set(log[-1])
+    state = load_file(str(work / "clip_binding" / "state.safetensors"))
+    assert any("text_slots.shape" in k for k in state)
+
+
+def test_slot_truth_names_each_object_at_its_place():
+    from dataclasses import replace
+
+    from pristine.mini.clip_reading import SLOTS, slot_truth
+    from pristine.world import PRETRAINING_WORLD, vocab
+
+    rng = np.random.default_rng(3)
+    scene = next(s for s in (PRETRAINING_WORLD.sample(rng) for _ in range(200)) if len(s.objects) == 2)
+    truth = slot_truth(scene)
+    a, b = scene.objects
+    for obj in (a, b):
+        row = truth[vocab.POSITIONS.index(obj.position)]
+        assert [values[i] for values, i in zip(SLOTS.values(), row)] == [getattr(obj, n) for n in SLOTS]
+    assert (truth >= 0).any(1).sum() == 2  # the other places are empty
+    exchanged = replace(scene, objects=(replace(a, position=b.position), replace(b, position=a.position)))
+    assert (slot_truth(exchanged) != truth).any() or a == replace(b, position=a.position)
 
 
 def test_oracle_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):

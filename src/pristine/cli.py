@@ -132,6 +132,7 @@ STAGE_DEFAULTS = {  # steps, batch size, learning rate: the settings the shipped
     "unet-joint": (1800, 128, 2e-4),
     "clip-image": (2500, 64, 5e-4),
     "clip-negatives": (1000, 64, 5e-4),
+    "clip-binding": (3000, 64, 3e-4),
     "vae-world": (1500, 33, 2e-4),
     "vae16": (2000, 33, 1e-3),
 }
@@ -141,6 +142,7 @@ STAGE_NEEDS = {  # what a stage reads from the model folder
     "unet": ("vae", "text_encoder", "tokenizer"),
     "unet-joint": ("vae", "text_encoder", "tokenizer", "unet"),
     "clip-negatives": ("clip", "tokenizer"),
+    "clip-binding": ("clip", "tokenizer"),
     "vae-world": ("vae",),
 }
 
@@ -195,6 +197,9 @@ def cmd_mini_pretrain(args) -> None:
     elif args.stage == "clip-negatives":
         print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, attribute_weight=1.0,
                                                    device=args.device), indent=2))
+    elif args.stage == "clip-binding":
+        print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, attribute_weight=1.0, binding_weight=1.0,
+                                                   stage="clip_binding", device=args.device), indent=2))
     else:
         P.pretrain_denoiser(workdir, out, corpus, settings, args.stage.replace("-", "_"), device=args.device)
     print(f"stage {args.stage} done: {out}")
@@ -690,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     mini = sub.add_parser("mini", help="pristine-mini, the embedded model").add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
     pre = mini.add_parser("pretrain", help="pre-train one stage of pristine-mini (resumes when run again)")
     pre.add_argument("--stage", required=True, choices=tuple(STAGE_DEFAULTS),
-                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), vae-world (the VAE's decoder continued on the whole world's pixels, markings and the retro style), vae16 (v3's autoencoder from scratch on the whole world: a 4x16x16 latent, which keeps the concepts' markings; the denoiser stages then train on it), oracle")
+                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), clip-binding (out/clip continued with clip-negatives' losses plus per-place read-outs on both towers, for two objects' binding), vae-world (the VAE's decoder continued on the whole world's pixels, markings and the retro style), vae16 (v3's autoencoder from scratch on the whole world: a 4x16x16 latent, which keeps the concepts' markings; the denoiser stages then train on it), oracle")
     pre.add_argument("--device", default="cpu", help="cpu (default) or cuda: where a GPU is available, use it for the long stages")
     pre.add_argument("--export-now", action="store_true", help="write the model folder from the stage's latest checkpoint and stop")
     pre.add_argument("--workdir", default="runs/mini", help="checkpoints, logs and the rendered corpus")

@@ -29,6 +29,7 @@ SWAPPABLE = {
 }
 SCENE_SWAPPABLE = {"background": vocab.BACKGROUNDS, "style": vocab.BASE_STYLES}
 BINDING = ("shape", "color", "size")  # exchanged between two objects
+SLOTS = {name: SWAPPABLE[name] for name in ("shape", "color", "size", "pattern")}  # read per place (clip-binding)
 
 ZERO_SHOT = {  # attribute -> (values, prompt per value)
     "shape": (vocab.SHAPES, lambda v: f"a {v}"),
@@ -53,6 +54,16 @@ def zero_shot_truth(scene: Scene) -> dict[str, int]:
         obj = scene.objects[0]
         for name in ("shape", "color", "size", "pattern", "position"):
             out[name] = ZERO_SHOT[name][0].index(getattr(obj, name))
+    return out
+
+
+def slot_truth(scene: Scene) -> np.ndarray:
+    """Per place (vocab.POSITIONS) and attribute (SLOTS), the index of the value of the object
+    there, -100 where the place is empty."""
+    out = np.full((len(vocab.POSITIONS), len(SLOTS)), -100, np.int64)
+    for obj in scene.objects:
+        for j, (name, values) in enumerate(SLOTS.items()):
+            out[vocab.POSITIONS.index(obj.position), j] = values.index(getattr(obj, name))
     return out
 
 
@@ -120,11 +131,12 @@ def caption_with_negatives(scene: Scene, seed: int, k: int, rng: np.random.Gener
     return positive, negatives
 
 
-def text_features(clip, input_ids: torch.Tensor) -> torch.Tensor:
+def text_features(clip, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """Unit-norm projected text embeddings (transformers 5 wraps them in an output object)."""
     from ..eval.real_metrics import _projected
 
-    return F.normalize(_projected(clip.get_text_features(input_ids=input_ids)), dim=-1)
+    features = _projected(clip.get_text_features(input_ids=input_ids))
+    return F.normalize(features, dim=-1) if normalize else features
 
 
 def image_features(clip, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -290,9 +290,13 @@ class ClipWithAttributeHeads(torch.nn.Module):
     The heads are a training aid only (the shipped CLIP is the plain CLIPModel): they make the image
     tower encode what the contrastive objective lets it skip, shape above all (a supervised probe of
     the same ViT learns shape; the contrastive loss alone left it at chance).
+
+    With `binding`, both towers also get one read-out per place and attribute (`clip_reading.SLOTS`):
+    the image embedding must say which object is where, and the complete caption's embedding the
+    same, so two objects' words cannot trade places unnoticed on either side.
     """
 
-    def __init__(self, clip, width: int):
+    def __init__(self, clip, width: int, binding: bool = False):
         super().__init__()
         from . import clip_reading as R
 
@@ -300,6 +304,28 @@ class ClipWithAttributeHeads(torch.nn.Module):
         with torch.random.fork_rng():  # the same heads in every process: a resumed run must match a straight one
             torch.manual_seed(0)
             self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(values)) for name, (values, _) in R.ZERO_SHOT.items()})
+            if binding:
+                places = len(R.vocab.POSITIONS)
+                self.image_slots = torch.nn.ModuleDict({name: torch.nn.Linear(width, places * len(v)) for name, v in R.SLOTS.items()})
+                self.text_slots = torch.nn.ModuleDict({name: torch.nn.Linear(width, places * len(v)) for name, v in R.SLOTS.items()})
+
+    def slot_loss(self, image_raw: torch.Tensor, text_raw: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy of both towers' per-place read-outs; truth: (B, places, attributes), -100
+        where a place is empty. Logs each tower's accuracy over the objects."""
+        from . import clip_reading as R
+
+        loss, logs = 0.0, {}
+        for side, raw, heads in (("image", image_raw, self.image_slots), ("text", text_raw, self.text_slots)):
+            hits, count = 0.0, 0
+            for j, (name, values) in enumerate(R.SLOTS.items()):
+                logits = heads[name](raw).view(len(raw), truth.shape[1], len(values))
+                target = truth[..., j]
+                loss = loss + F.cross_entropy(logits.reshape(-1, len(values)), target.reshape(-1), ignore_index=-100)
+                keep = target >= 0
+                hits += (logits.argmax(-1)[keep] == target[keep]).float().sum().item()
+                count += int(keep.sum())
+            logs[f"{side}_slots"] = round(hits / max(count, 1), 3)
+        return loss, logs
 
 
 def pretrain_clip_image(workdir: Path, out: Path, corpus: Path, settings: StageSettings, device: str = "cpu") -> dict:
@@ -346,7 +372,7 @@ def pretrain_clip_image(workdir: Path, out: Path, corpus: Path, settings: StageS
 
 def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: StageSettings, negatives: int = 3,
                             zero_shot_weight: float = 1.0, embedding_lr_scale: float = 1.0, attribute_weight: float = 0.0,
-                            device: str = "cpu") -> dict:
+                            binding_weight: float = 0.0, stage: str = "clip_negatives", device: str = "cpu") -> dict:
     """Train the mini CLIP until it reads every attribute a caption states: from the clip-image
     stage's tower (and a new text tower) when that stage has run, else fine-tuning out/clip.
 
@@ -354,6 +380,8 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     the batch's captions apart. So each picture is also contrasted with `negatives` captions of the
     same phrasing that say one thing wrong (a swapped value, or two objects' attributes exchanged),
     and single-object pictures learn the zero-shot prompts ("a star", "a red object", ...) per attribute.
+    `binding_weight` adds per-place read-outs on both towers (`ClipWithAttributeHeads`); the
+    `clip-binding` stage is this one continued from out/clip with them, in its own work folder `stage`.
     Writes out/clip only: the UNet's text encoder is trained with the UNet (stage unet-joint).
     """
     from transformers import CLIPModel
@@ -364,11 +392,13 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
 
     images, _ = load_corpus(corpus)
     scenes = [Scene.from_attributes(json.loads(s)) for s in np.load(corpus)["scenes"]]
-    init = workdir / "clip_negatives" / "init"
+    init = workdir / stage / "init"
     if not init.exists():
         import shutil
 
         tower = workdir / "clip_image" / "tower"  # fine-tuning out/clip never brought shape back
+        if stage != "clip_negatives":  # a continuation of the shipped CLIP
+            tower = out / "clip"
         shutil.copytree(tower if tower.exists() else out / "clip", init)
     tokenizer = load_tokenizer(out / "tokenizer")
     ids = R.TextEncoderCache(tokenizer)
@@ -376,7 +406,7 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     prompt_ids = ids(prompts).to(device)
     truths = [R.zero_shot_truth(s) for s in scenes]
     clip = CLIPModel.from_pretrained(init, torch_dtype=torch.float32, use_safetensors=True).to(device)
-    model = ClipWithAttributeHeads(clip, clip.config.projection_dim).to(device)
+    model = ClipWithAttributeHeads(clip, clip.config.projection_dim, binding=bool(binding_weight)).to(device)
 
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g).tolist()
@@ -408,15 +438,22 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
             start += len(values)
         hard_acc = (hard_logits.max(1).values < batch_logits.diagonal()).float().mean()
         loss = contrastive + zero_shot_weight * zero_shot + attribute_weight * attributes
-        return loss, {"contrastive": round(contrastive.item(), 4), "zero_shot": round(float(zero_shot), 4),
-                      "attributes": round(float(attributes), 4), "hard_acc": round(hard_acc.item(), 3)}
+        logs = {"contrastive": round(contrastive.item(), 4), "zero_shot": round(float(zero_shot), 4),
+                "attributes": round(float(attributes), 4), "hard_acc": round(hard_acc.item(), 3)}
+        if binding_weight:  # read on the complete caption, which states every attribute the heads ask for
+            complete = R.text_features(clip, ids([caption(scenes[i]) for i in idx]).to(device), normalize=False)
+            truth = torch.from_numpy(np.stack([R.slot_truth(scenes[i]) for i in idx])).to(device)
+            slots, slot_logs = model.slot_loss(raw, complete, truth)
+            loss = loss + binding_weight * slots
+            logs.update(binding=round(float(slots), 4), **slot_logs)
+        return loss, logs
 
     # the first CLIP stage never trained the words it did not need (shape words kept their initial
     # norm, like unused words): their rows may take a larger step than the rest of the model
     embedding = clip.text_model.embeddings.token_embedding.weight
     groups = [{"params": [p for p in model.parameters() if p is not embedding]},
               {"params": [embedding], "lr": settings.lr * embedding_lr_scale}]
-    run_stage("clip_negatives", workdir, model, groups, settings, loss_fn)
+    run_stage(stage, workdir, model, groups, settings, loss_fn)
     clip = clip.cpu().eval()
     result = R.check(clip, tokenizer, n=min(500, len(images)), seed=settings.seed + 1)  # a tiny corpus is a smoke run
     clip.to(torch.float16).save_pretrained(out / "clip", safe_serialization=True)
