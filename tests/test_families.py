@@ -167,14 +167,16 @@ def test_resume_ends_with_the_same_weights_with_prior_preservation(models, star_
     assert len(list((tmp_path / ".class_images").glob("*/*.png"))) == 2  # the family's own pipeline drew them
 
 
-@pytest.mark.parametrize("convs", [False, True])
+@pytest.mark.parametrize("convs", [False, True, "samplers"])
 def test_sdxl_kohya_layout_round_trips_through_diffusers_conversion(models, star_images, tmp_path, capsys, convs):
     """lora_kohya.safetensors (kohya / ComfyUI names) read by diffusers' own kohya conversion draws what
-    the diffusers-layout file draws; with `convs`, LoRA on the resnets too (kohya's conv_dim)."""
+    the diffusers-layout file draws; with `convs`, LoRA on the resnets too (kohya's conv_dim), and
+    with "samplers" on the down- and upsamplers' convolutions as well."""
     from safetensors.torch import load_file
 
     folder, run = models("sdxl"), tmp_path / "run"
-    targets = ["--method-arg", "targets=[to_q,to_k,to_v,to_out.0,conv1,conv2,time_emb_proj]"] if convs else []
+    targets = ["--method-arg", "targets=[to_q,to_k,to_v,to_out.0,conv1,conv2,time_emb_proj"
+               + (",conv" if convs == "samplers" else "") + "]"] if convs else []
     code, err = train_cli(capsys, "--model", str(folder), "--images", str(star_images), "--token", "<v1>",
                           "--class-word", "star", "--steps", "3", "--lr", "1e-2", "--method-arg", "train_token=false",
                           *targets, "--train-text-encoder", "--export", "kohya", "--out", str(run))
@@ -185,6 +187,9 @@ def test_sdxl_kohya_layout_round_trips_through_diffusers_conversion(models, star
             assert any(k.startswith("lora_unet_input_blocks_") and f"_0_{layer}.lora_down" in k for k in kohya), layer
             assert any(k.startswith("lora_unet_middle_block_2_") and layer in k for k in kohya), layer
             assert any(k.startswith("lora_unet_output_blocks_") and f"_0_{layer}.lora_up" in k for k in kohya), layer
+    if convs == "samplers":  # SGM's names: a Downsample's conv is `op`, an Upsample's `conv`
+        assert any(k.startswith("lora_unet_input_blocks_") and k.endswith("_0_op.lora_down.weight") for k in kohya)
+        assert any(k.startswith("lora_unet_output_blocks_") and k.endswith("_conv.lora_down.weight") for k in kohya)
     assert kohya and any(k.endswith(".alpha") for k in kohya)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}  # kohya's SDXL prefixes, text encoders too
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in kohya  # SGM block names

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 from .checkpoint import atomic_save
 
 
-def ldm_block(name: str, layers_per_block: int) -> str:
-    """diffusers UNet module path -> the original (LDM / SGM) Stable Diffusion path kohya names SDXL keys by."""
+def ldm_block(name: str, config: dict) -> str:
+    """diffusers UNet module path -> the original (LDM / SGM) Stable Diffusion path kohya names SDXL keys
+    by; `config` is the UNet's (its layers per block, and which up blocks have attention)."""
+    layers_per_block = config["layers_per_block"]
     m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
     if m:
         i, j, rest = int(m[1]), int(m[2]), m[3]
@@ -38,6 +40,16 @@ def ldm_block(name: str, layers_per_block: int) -> str:
             return f"middle_block.{2 * j}.{layer}"
         block = 1 + i * (layers_per_block + 1) + j if kind == "down_blocks" else i * (layers_per_block + 1) + j
         return f"{'input' if kind == 'down_blocks' else 'output'}_blocks.{block}.0.{layer}"
+    # a block's resampler: its own input block after the down block's layers; in the up block's last
+    # output block, after the resnet and, where the block has one, the attention
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv$", name)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * (layers_per_block + 1)}.0.op"
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv$", name)
+    if m:
+        i = int(m[1])
+        slot = 2 if config["up_block_types"][i].startswith("CrossAttn") else 1
+        return f"output_blocks.{i * (layers_per_block + 1) + layers_per_block}.{slot}.conv"
     raise ValueError(f"no kohya name for UNet module {name!r}")
 
 

@@ -217,8 +217,8 @@ class StableDiffusionBackbone(Backbone):
     def write_kohya(self, diffusers_lora: Path, out: Path, alpha: float) -> Path:
         from ..export import ldm_block, write_kohya
 
-        layers = self._unwrapped(self.unet).config.layers_per_block
-        path = (lambda module: ldm_block(module, layers)) if self.KOHYA_SGM_NAMES else (lambda module: module)
+        config = dict(self._unwrapped(self.unet).config)
+        path = (lambda module: ldm_block(module, config)) if self.KOHYA_SGM_NAMES else (lambda module: module)
         return write_kohya(diffusers_lora, out, alpha, path, self.KOHYA_TEXT_PREFIXES)
 
     def sampling_scheduler(self):
