@@ -502,15 +502,16 @@ def cmd_bench_context(args) -> None:
             raise UsageError(f"--rows: {row!r} is no row of the context task; choose from {', '.join(CONTEXT_ROWS)}")
     if not rows:
         raise UsageError(f"--rows: none given; choose from {', '.join(CONTEXT_ROWS)}")
-    check_dci_settings(args.agg_time, args.dci_lambda, args.dci_scale, "bench context")
+    dci = {name: value for name, value in (("agg_time", args.agg_time), ("dci_lambda", args.dci_lambda),
+                                           ("dci_scale", args.dci_scale)) if value is not None}  # else the settings' defaults
     try:
         concepts = concept_set("quick" if args.quick and args.concepts == "dev" else args.concepts)
     except KeyError as e:
         raise UsageError(f"--concepts: {e.args[0]}")
     settings = ContextBenchSettings(rows, concepts, seeds=args.seeds or (2 if args.quick else 4),
-                                    sample_steps=args.sample_steps or (20 if args.quick else 30),
-                                    agg_time=args.agg_time, dci_lambda=args.dci_lambda, dci_scale=args.dci_scale,
+                                    sample_steps=args.sample_steps or (20 if args.quick else 30), **dci,
                                     train_steps=args.train_steps or (80 if args.quick else None), part=parse_part(args.part))
+    check_dci_settings(settings.agg_time, settings.dci_lambda, settings.dci_scale, "bench context")
     out = Path(args.out)
     names = [c.name for c in concepts]
     if not _in_parts(args, out, lambda: run_context_bench(out, settings),
@@ -918,9 +919,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--seeds", type=_positive("--seeds"))
     bc.add_argument("--sample-steps", type=_positive("--sample-steps"))
     bc.add_argument("--train-steps", type=_positive("--train-steps"))
-    bc.add_argument("--agg-time", type=float, default=0.3, help="DCI rows: the early fraction of the steps (default 0.3)")
-    bc.add_argument("--dci-lambda", type=float, default=0.0, help="DCI rows: λ in [-2, 2] (default 0)")
-    bc.add_argument("--dci-scale", type=float, default=500.0,
+    bc.add_argument("--agg-time", type=float, help="DCI rows: the early fraction of the steps (default 0.3)")
+    bc.add_argument("--dci-lambda", type=float, help="DCI rows: λ in [-2, 2] (default 0)")
+    bc.add_argument("--dci-scale", type=float,
                     help="DCI rows: the constant in front of the pixel softmax (default 500, the authors')")
     _parts_flags(bc)
     bc.set_defaults(func=cmd_bench_context)

@@ -18,13 +18,14 @@ import torch
 from .attention import AttentionPass
 from .errors import UsageError
 from .phrases import phrase_spans, remove_phrase
-from .sampling import GuidedSampler, Term
+from .sampling import GuidedSampler, SampleSettings, Term
 
 SHARPNESS = 10.0  # softmax(10 x) over tokens and over pixels
 # the authors' constant in front of the pixel softmax (not the pixel count). Made for SD1.x at 512 px,
 # whose cross-attention maps have 4096, 1024, 256 and 64 pixels: on a model with smaller maps the same
-# constant gives every pixel a larger share, and w_c goes to 1 everywhere (`scale` changes it)
-SCALE = 500.0
+# constant gives every pixel a larger share, and w_c goes to 1 everywhere (`scale` changes it). One
+# literal, on the sampler's settings, which the CLI and the context bench default to as well.
+SCALE = SampleSettings.dci_scale
 AUX_SEED_OFFSET = 7_919  # the auxiliary latent's noise: seed + this, so it never is the concept's own
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..sampling import SampleSettings
 from .minibench import (TOKEN, Judges, _load_cached, _save_cached, budget_settings, claim_folder, context_right,
                         interval_summary, prompts_for, train_unless_finished)
 
@@ -48,9 +49,9 @@ class ContextBenchSettings:
     seeds: int = 4
     sample_steps: int = 30
     guidance: float = 5.0
-    agg_time: float = 0.3
-    dci_lambda: float = 0.0
-    dci_scale: float = 500.0
+    agg_time: float = SampleSettings.agg_time  # DCI's defaults are the sampler's
+    dci_lambda: float = SampleSettings.dci_lambda
+    dci_scale: float = SampleSettings.dci_scale
     train_steps: int | None = None  # overrides the budgets' steps (quick runs)
     part: tuple[int, int] | None = None  # (i, n): train and draw only every n-th concept from the i-th, no table
 
