@@ -160,6 +160,16 @@ def test_authors_budgets_resolve_to_their_stated_settings(tmp_path):
     assert budget_settings("purecc_authors", 80)[1]["method_args"]["stage1_steps"] == 80
 
 
+def test_a_list_valued_setting_keeps_its_commas_in_methods():
+    """`--methods lora@targets=[to_q,conv1],dreambooth` is two rows, the first with both targets."""
+    from pristine.cli import _bench_methods
+    from pristine.eval.minibench import budget_settings
+
+    entries = _bench_methods("lora@targets=[to_q,conv1]@rank=8, dreambooth")
+    assert entries == ["lora@targets=[to_q,conv1]@rank=8", "dreambooth"]
+    assert budget_settings(entries[0])[1]["method_args"] == {"rank": 8, "alpha": 4, "targets": ["to_q", "conv1"]}
+
+
 def test_bench_mini_runs_budgets_with_changed_settings_as_their_own_rows(tmp_path, capsys):
     from pristine.cli import main
 

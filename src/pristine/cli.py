@@ -415,12 +415,24 @@ def cmd_sample(args) -> None:
     print(f"grid written to {out}, and each picture beside it ({images[0].name}, ...)")
 
 
+def _method_entries(text: str) -> list[str]:
+    """--methods split at its commas, not at those inside a setting's list or mapping
+    (`lora@targets=[to_q,to_k],dreambooth` is two entries)."""
+    entries, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth <= 0:
+            entries.append(text[start:i].strip())
+            start = i + 1
+    return [e for e in entries if e]
+
+
 def _bench_methods(text: str, with_prior: bool = True) -> list[str]:
     """--methods: budgets, each maybe with changed settings (BUDGET@KEY=VALUE@...), checked before any
     work; the step-cost benchmark has no prior images."""
     from .eval.minibench import budget_settings
 
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    methods = _method_entries(text)
     for m in methods:
         _, settings = budget_settings(m)
         if settings.get("prior_preservation") and not with_prior:
@@ -468,7 +480,7 @@ def _in_parts(args, out: Path, run, done) -> bool:
 def cmd_bench_domain(args) -> None:
     from .eval.domainbench import BUDGETS, DomainSettings, run_domain_bench, table
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _method_entries(args.methods)
     for m in methods:
         if m not in BUDGETS:
             raise UsageError(f"--methods: {m!r} is no row of the domain task; choose from {', '.join(BUDGETS)}")
@@ -546,7 +558,7 @@ def cmd_bench_multi(args) -> None:
         groups = group_set("quick" if args.quick and args.groups == "dev" else args.groups)
     except KeyError as e:
         raise UsageError(f"--groups: {e.args[0]}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _method_entries(args.methods)
     for m in methods:
         budget(m, groups[0])
     settings = MultiSettings(methods, groups, seeds=args.seeds or (2 if args.quick else 4),
