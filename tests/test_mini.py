@@ -283,6 +283,27 @@ def test_clip_binding_continues_the_model_folders_clip_and_reads_places_on_both_
     assert any("text_slots.shape" in k for k in state)
 
 
+def test_oracle_marks_continues_the_model_folders_oracle_on_dots_and_rims(tmp_path):
+    from safetensors.torch import load_file
+
+    from pristine.cli import main
+    from pristine.mini.pretrain import ORACLE_MARKS_MIX, labelled_renders
+
+    out, work = tmp_path / "model", tmp_path / "work"
+    shutil.copytree(MODEL / "oracle", out / "oracle")
+    args = ["mini", "pretrain", "--stage", "oracle-marks", "--steps", "1", "--corpus-size", "24", "--batch-size", "8",
+            "--workdir", str(work), "--out", str(out)]
+    assert main(args) == 0
+    init, shipped = load_file(str(work / "oracle_marks" / "init" / "model.safetensors")), load_file(str(MODEL / "oracle" / "model.safetensors"))
+    assert all(torch.equal(init[k], shipped[k]) for k in shipped)
+    trained = load_file(str(out / "oracle" / "model.safetensors"))
+    assert not all(torch.equal(trained[k], shipped[k]) for k in shipped)  # one step moved it
+    assert (out / "oracle" / "selftest.json").exists()
+    _, _, scenes = labelled_renders(8, seed=1, mix=ORACLE_MARKS_MIX)
+    assert {o.marking for o in scenes[3].objects} <= {"dot", "rim"}  # every fourth render: dots and rims only
+    assert main([*args[:-1], str(tmp_path / "none")]) == 2  # no oracle to continue: one line, exit 2
+
+
 def test_slot_truth_names_each_object_at_its_place():
     from dataclasses import replace
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .pretrain import read_log
 
-STAGES = ("vae", "clip", "oracle", "unet", "unet_joint", "clip_image", "clip_negatives", "clip_binding", "vae_world", "vae16")
+STAGES = ("vae", "clip", "oracle", "unet", "unet_joint", "clip_image", "clip_negatives", "clip_binding", "vae_world", "vae16", "oracle_marks")
 
 
 def plot_losses(workdirs: list[Path], out_png: Path) -> Path:

@@ -714,6 +714,9 @@ def write_pipeline_files(out: Path) -> None:
 # objects; with FULL_WORLD's one in six unmarked, 61% of training objects are marked (42% with the
 # earlier half-and-half mix, where small rims and dots stayed below 70% on color and marking).
 ORACLE_MIX = ("pretraining", "full", "marked")
+# `oracle-marks` continues the oracle with a quarter of its renders carrying only dots and rims, where
+# what it still misses is (small dots and rims: two thirds of its color and marking errors on the whole world)
+ORACLE_MARKS_MIX = ("pretraining", "full", "marked", "dot-rim")
 
 
 def _world_part(name: str):
@@ -722,7 +725,8 @@ def _world_part(name: str):
     from ..world import FULL_WORLD, vocab
 
     return {"pretraining": PRETRAINING_WORLD, "full": FULL_WORLD,
-            "marked": replace(FULL_WORLD, markings=vocab.MARKINGS[1:])}[name]
+            "marked": replace(FULL_WORLD, markings=vocab.MARKINGS[1:]),
+            "dot-rim": replace(FULL_WORLD, markings=("dot", "rim"))}[name]
 
 
 def _render_labelled_chunk(args):
@@ -855,31 +859,43 @@ def pretrain_vae_world(workdir: Path, out: Path, settings: StageSettings, n_per_
 
 
 def pretrain_oracle(workdir: Path, out: Path, settings: StageSettings, n_train: int = 60000, device: str = "cpu",
-                    workers: int | None = None, full_res_convs: int = 2) -> dict:
-    """Train the oracle; returns its self-test (score.selftest: the pre-training and the whole world)."""
+                    workers: int | None = None, full_res_convs: int = 2, stage: str = "oracle") -> dict:
+    """Train the oracle; returns its self-test (score.selftest: the pre-training and the whole world).
+
+    `oracle_marks`: continue out/oracle on ORACLE_MARKS_MIX (fresh renders, another seed), in its own
+    work folder; its input copy stays in workdir/oracle_marks/init."""
     from .oracle import Oracle, loss
     from .score import selftest
 
-    cache = workdir / f"oracle_corpus_{'-'.join(ORACLE_MIX)}_n{n_train}.safetensors"
+    mix, seed = (ORACLE_MIX, settings.seed + 1) if stage == "oracle" else (ORACLE_MARKS_MIX, settings.seed + 2)
+    cache = workdir / f"oracle_corpus_{'-'.join(mix)}_n{n_train}.safetensors"
     if cache.exists():
         from safetensors.torch import load_file
 
         data = load_file(str(cache))
         images, targets = data.pop("images"), data
     else:
-        images, targets, _ = labelled_renders(n_train, seed=settings.seed + 1, workers=workers or os.cpu_count() or 1)
+        images, targets, _ = labelled_renders(n_train, seed=seed, workers=workers or os.cpu_count() or 1, mix=mix)
         from ..checkpoint import atomic_save
 
         atomic_save({"images": images, **targets}, cache)
     torch.manual_seed(settings.seed)
-    oracle = Oracle(full_res_convs=full_res_convs).to(device)
+    if stage == "oracle":
+        oracle = Oracle(full_res_convs=full_res_convs).to(device)
+    else:
+        init = workdir / stage / "init"
+        if not init.exists():
+            import shutil
+
+            shutil.copytree(out / "oracle", init)  # the stage overwrites out/oracle when it ends
+        oracle = Oracle.load(init).train().to(device)
 
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g)  # batches and degradation drawn on the CPU: same on any device
         _, logits = oracle(degrade(images[idx], g).to(device))
         return loss(logits, {k: v[idx].to(device) for k, v in targets.items()})
 
-    run_stage("oracle", workdir, oracle, list(oracle.parameters()), settings, loss_fn)
+    run_stage(stage, workdir, oracle, list(oracle.parameters()), settings, loss_fn)
     oracle = oracle.cpu().eval()
     acc = selftest(oracle, n=min(2000, n_train))
     oracle.save(out / "oracle")
