@@ -201,7 +201,7 @@ def cmd_mini_pretrain(args) -> None:
         print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, attribute_weight=1.0,
                                                    device=args.device), indent=2))
     elif args.stage == "clip-binding":
-        print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, attribute_weight=1.0, binding_weight=1.0,
+        print(json.dumps(P.pretrain_clip_negatives(workdir, out, corpus, settings, attribute_weight=1.0, mined=4,
                                                    stage="clip_binding", device=args.device), indent=2))
     else:
         P.pretrain_denoiser(workdir, out, corpus, settings, args.stage.replace("-", "_"), device=args.device)

@@ -115,11 +115,8 @@ def caption_with_negatives(scene: Scene, seed: int, k: int, rng: np.random.Gener
         for kind in list(order):
             found = False
             while pools[kind] and not found:
-                cand = pools[kind].pop()
-                if any((o.pattern == "solid") != (p.pattern == "solid") for o, p in zip(cand.objects, scene.objects)):
-                    continue
-                text = caption(cand, np.random.default_rng(seed))
-                if text != positive and text not in negatives and _one_edit(positive, text):
+                text = _negative_text(pools[kind].pop(), scene, seed, positive)
+                if text is not None and text not in negatives:
                     negatives.append(text)
                     found = True
             if not pools[kind]:
@@ -129,6 +126,29 @@ def caption_with_negatives(scene: Scene, seed: int, k: int, rng: np.random.Gener
     while len(negatives) < k:  # a terse caption may show fewer swaps than asked: repeat one
         negatives.append(negatives[-1] if negatives else caption(next(iter(kinds.values()))[0]))
     return positive, negatives
+
+
+def some_negatives(scene: Scene, seed: int, n: int, rng: np.random.Generator, skip=()) -> list[str]:
+    """Up to n captions of the positive's phrasing (caption(scene, rng(seed))) that say one thing
+    wrong, drawn at random from all of them, none in `skip`: the pool hard-negative mining picks from."""
+    positive = caption(scene, np.random.default_rng(seed))
+    swaps, out = swapped_scenes(scene), []
+    for j in rng.permutation(len(swaps)):
+        text = _negative_text(swaps[j], scene, seed, positive)
+        if text is not None and text not in out and text not in skip:
+            out.append(text)
+            if len(out) == n:
+                break
+    return out
+
+
+def _negative_text(candidate: Scene, scene: Scene, seed: int, positive: str) -> str | None:
+    """The candidate's caption in the positive's phrasing, or None where it does not read as one
+    thing said wrong (see caption_with_negatives)."""
+    if any((o.pattern == "solid") != (p.pattern == "solid") for o, p in zip(candidate.objects, scene.objects)):
+        return None
+    text = caption(candidate, np.random.default_rng(seed))
+    return text if text != positive and _one_edit(positive, text) else None
 
 
 def text_features(clip, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -163,9 +183,13 @@ class TextEncoderCache:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self.ids]
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            self.ids.update(zip(missing, ids[:, : self.length]))
+            self.ids.update(zip(missing, self.uncached(missing)))
         return torch.stack([self.ids[t] for t in texts])
+
+    def uncached(self, texts: list[str]) -> torch.Tensor:
+        """Token ids of texts seen once (a mining pool): not kept."""
+        ids = self.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return ids[:, : self.length]
 
 
 @torch.no_grad()

@@ -372,7 +372,8 @@ def pretrain_clip_image(workdir: Path, out: Path, corpus: Path, settings: StageS
 
 def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: StageSettings, negatives: int = 3,
                             zero_shot_weight: float = 1.0, embedding_lr_scale: float = 1.0, attribute_weight: float = 0.0,
-                            binding_weight: float = 0.0, stage: str = "clip_negatives", device: str = "cpu") -> dict:
+                            binding_weight: float = 0.0, mined: int = 0, stage: str = "clip_negatives",
+                            device: str = "cpu") -> dict:
     """Train the mini CLIP until it reads every attribute a caption states: from the clip-image
     stage's tower (and a new text tower) when that stage has run, else fine-tuning out/clip.
 
@@ -380,8 +381,11 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     the batch's captions apart. So each picture is also contrasted with `negatives` captions of the
     same phrasing that say one thing wrong (a swapped value, or two objects' attributes exchanged),
     and single-object pictures learn the zero-shot prompts ("a star", "a red object", ...) per attribute.
-    `binding_weight` adds per-place read-outs on both towers (`ClipWithAttributeHeads`); the
-    `clip-binding` stage is this one continued from out/clip with them, in its own work folder `stage`.
+    `binding_weight` adds per-place read-outs on both towers (`ClipWithAttributeHeads`); `mined` adds
+    that many negatives per picture, the captions among its one-thing-wrong ones (16 drawn)
+    that the CLIP under training scores highest: the check asks the true caption to beat every one of
+    some sixty, and three drawn at random rarely include the one it confuses. The `clip-binding`
+    stage is this one continued from out/clip with them, in its own work folder `stage`.
     Writes out/clip only: the UNet's text encoder is trained with the UNet (stage unet-joint).
     """
     from transformers import CLIPModel
@@ -411,17 +415,25 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g).tolist()
         rng = np.random.default_rng([settings.seed, step])
-        texts, negs = [], []
+        texts = []
+        seeds, drawn = [], []
         for i in idx:
-            positive, wrong = R.caption_with_negatives(scenes[i], int(rng.integers(2**31)), negatives, rng)
+            seeds.append(int(rng.integers(2**31)))
+            extra = mined if len(scenes[i].objects) == 1 else 0  # two objects': mined below
+            positive, wrong = R.caption_with_negatives(scenes[i], seeds[-1], negatives + extra, rng)
             texts.append(positive)
-            negs.extend(wrong)
+            drawn.append(wrong)
         b = len(idx)
         raw = R.image_features(clip, images[idx].to(device), normalize=False)
         img = F.normalize(raw, dim=-1)
+        if mined:
+            negs = _mine_negatives(clip, ids, img.detach(), [scenes[i] for i in idx], seeds, drawn, mined, rng, device)
+        else:
+            negs = [t for own in drawn for t in own]
+        k = negatives + mined
         txt = R.text_features(clip, ids(texts + negs).to(device))
         scale = clip.logit_scale.exp()
-        pos, neg = txt[:b], txt[b:].view(b, negatives, -1)
+        pos, neg = txt[:b], txt[b:].view(b, k, -1)
         batch_logits = scale * img @ pos.T
         hard_logits = scale * torch.einsum("bd,bkd->bk", img, neg)
         target = torch.arange(b, device=device)
@@ -463,6 +475,32 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     shutil.copytree(out / "tokenizer", out / "clip", dirs_exist_ok=True)
     (out / "clip" / "selftest.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _mine_negatives(clip, ids, img: torch.Tensor, scenes: list, seeds: list[int], drawn: list[list[str]],
+                    mined: int, rng: np.random.Generator, device: str, pool_size: int = 16) -> list[str]:
+    """Each picture's drawn negatives, then for two-object pictures the `mined` captions of a draw of
+    up to `pool_size` of its one-thing-wrong captions that the CLIP scores highest against it (single
+    objects, which it nearly never gets wrong, drew `mined` more instead)."""
+    from . import clip_reading as R
+
+    pools = {b: R.some_negatives(scene, seed, pool_size, rng, skip=set(drawn[b])) or list(drawn[b])
+             for b, (scene, seed) in enumerate(zip(scenes, seeds)) if len(scene.objects) > 1}
+    flat = [t for pool in pools.values() for t in pool]
+    if flat:
+        with torch.no_grad():
+            scores = torch.cat([R.text_features(clip, ids.uncached(flat[j : j + 512]).to(device))
+                                for j in range(0, len(flat), 512)])
+    out, start = [], 0
+    for b, own in enumerate(drawn):
+        out.extend(own)
+        if b in pools:
+            pool = pools[b]
+            order = (scores[start : start + len(pool)] @ img[b]).argsort(descending=True).tolist()
+            start += len(pool)
+            picked = [pool[j] for j in order[:mined]]
+            out.extend(picked + [picked[-1]] * (mined - len(picked)))  # a terse caption has few: repeat the hardest
+    return out
 
 
 def write_clip_processor(folder: Path) -> None:
