@@ -261,9 +261,9 @@ def test_clip_negatives_starts_from_the_clip_image_tower(tmp_path):
     assert {"shape", "color", "background"} <= set(log[-1])  # per-attribute accuracies are logged
 
 
-def test_clip_binding_continues_the_model_folders_clip_and_reads_places_on_both_towers(tmp_path):
-    """clip-binding fine-tunes out/clip (even where a clip-image tower exists) and logs how well
-    each tower's per-place read-out names the objects."""
+def test_clip_binding_continues_the_model_folders_clip_with_mined_negatives(tmp_path):
+    """clip-binding fine-tunes out/clip (even where a clip-image tower exists) and logs how often the
+    true caption beats the negatives it mined."""
     from safetensors.torch import load_file
 
     from pristine.cli import main
@@ -273,14 +273,56 @@ def test_clip_binding_continues_the_model_folders_clip_and_reads_places_on_both_
         shutil.copytree(MODEL / part, out / part)
     common = ["--corpus-size", "64", "--workdir", str(work), "--out", str(out), "--batch-size", "8"]
     assert main(["mini", "pretrain", "--stage", "clip-image", "--steps", "1", *common]) == 0
-    assert main(["mini", "pretrain", "--stage", "clip-binding", "--steps", "1", *common]) == 0
+    assert main(["mini", "pretrain", "--stage", "clip-binding", "--steps", "2", *common]) == 0
     init = load_file(str(work / "clip_binding" / "init" / "model.safetensors"))
     shipped = load_file(str(MODEL / "clip" / "model.safetensors"))
     assert all(torch.equal(init[k], shipped[k]) for k in shipped)
     log = [json.loads(line) for line in (work / "clip_binding" / "log.jsonl").read_text().splitlines()]
-    assert {"binding", "image_slots", "text_slots"} <= set(log[-1])
-    state = load_file(str(work / "clip_binding" / "state.safetensors"))
-    assert any("text_slots.shape" in k for k in state)
+    assert any("mined_acc" in r for r in log)
+
+
+def test_per_place_read_outs_train_on_both_towers(tmp_path):
+    """binding_weight: each tower's per-place read-out is trained and its accuracy logged."""
+    from pristine.mini import pretrain as P
+
+    out, work = tmp_path / "model", tmp_path / "work"
+    for part in ("clip", "tokenizer"):
+        shutil.copytree(MODEL / part, out / part)
+    settings = P.StageSettings(steps=1, batch_size=8, lr=1e-4, warmup=1, checkpoint_every=1)
+    work.mkdir()
+    P.pretrain_clip_negatives(work, out, P.build_corpus(work, 32, workers=1), settings, binding_weight=1.0, stage="clip_binding")
+    record = json.loads((work / "clip_binding" / "log.jsonl").read_text().splitlines()[-1])
+    assert record["binding"] > 0 and 0 <= record["image_slots"] <= 1 and 0 <= record["text_slots"] <= 1
+
+
+def test_mined_negatives_are_the_ones_the_clip_scores_highest():
+    from transformers import CLIPModel
+
+    from pristine.mini import clip_reading as R
+    from pristine.mini.pretrain import _mine_negatives
+    from pristine.mini.tokenizer import load_tokenizer
+    from pristine.world import PRETRAINING_WORLD, render
+    from pristine.mini.oracle import to_tensor
+
+    clip = CLIPModel.from_pretrained(MODEL / "clip", torch_dtype=torch.float32).eval()
+    ids = R.TextEncoderCache(load_tokenizer(MODEL / "tokenizer"))
+    rng = np.random.default_rng(0)
+    scenes = [PRETRAINING_WORLD.sample(rng, n_objects=n) for n in (1, 2, 2)]
+    img = R.image_features(clip, to_tensor([render(s)[0] for s in scenes]))
+    seeds, drawn = [11, 12, 13], []
+    for scene, seed in zip(scenes, seeds):
+        drawn.append(R.caption_with_negatives(scene, seed, 3 + (4 if len(scene.objects) == 1 else 0), rng)[1])
+    out = _mine_negatives(clip, ids, img, scenes, seeds, drawn, 4, np.random.default_rng(5), "cpu")
+    assert len(out) == 3 * 7 and out[:7] == drawn[0]  # a single object keeps its drawn seven
+    pool_rng = np.random.default_rng(5)  # the pools _mine_negatives drew, drawn again
+    for b in (1, 2):
+        pool = R.some_negatives(scenes[b], seeds[b], 16, pool_rng, skip=set(drawn[b]))
+        mined = out[7 * b + 3 : 7 * b + 7]
+        assert out[7 * b : 7 * b + 3] == drawn[b] and set(mined) <= set(pool) and not set(mined) & set(drawn[b])
+        with torch.no_grad():
+            scores = R.text_features(clip, ids(pool)) @ img[b]
+        top = {pool[j] for j in scores.argsort(descending=True)[:4].tolist()}
+        assert set(mined) == top
 
 
 def test_oracle_marks_continues_the_model_folders_oracle_on_dots_and_rims(tmp_path):

@@ -452,6 +452,11 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
         loss = contrastive + zero_shot_weight * zero_shot + attribute_weight * attributes
         logs = {"contrastive": round(contrastive.item(), 4), "zero_shot": round(float(zero_shot), 4),
                 "attributes": round(float(attributes), 4), "hard_acc": round(hard_acc.item(), 3)}
+        if mined:  # two-object pictures whose true caption beats its mined negatives
+            two = torch.tensor([len(scenes[i].objects) > 1 for i in idx], device=device)
+            if two.any():
+                beaten = hard_logits[:, negatives:].max(1).values < batch_logits.diagonal()
+                logs["mined_acc"] = round(beaten[two].float().mean().item(), 3)
         if binding_weight:  # read on the complete caption, which states every attribute the heads ask for
             complete = R.text_features(clip, ids([caption(scenes[i]) for i in idx]).to(device), normalize=False)
             truth = torch.from_numpy(np.stack([R.slot_truth(scenes[i]) for i in idx])).to(device)
