@@ -150,7 +150,7 @@ def test_readme_python_example_runs_as_written(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the shipped CLIP does not read shape yet (docs/MINI.md, Toward v2); "
+@pytest.mark.xfail(strict=True, reason="issue 10: the shipped CLIP's swapped captions are below the bar (docs/MINI.md, What is missing); "
                                        "strict: this fails once the CLIP meets the bar, so the marker must then go")
 def test_clip_reads_every_attribute_on_a_small_sample():
     """The issue's bar on 500 renders; here 100, so a few points of sampling slack."""
