@@ -239,9 +239,9 @@ def test_every_pretraining_stage_resumes_to_the_same_weights(tmp_path, stage):
             assert torch.allclose(value.double(), states["resumed"][key].double(), rtol=1e-5, atol=1e-7), key
 
 
-def test_clip_negatives_starts_from_the_clip_image_tower(tmp_path):
-    """After clip-image, clip-negatives trains a CLIP whose image tower is that stage's (a new text
-    tower), not a fine-tune of the model folder's CLIP."""
+def test_after_clip_image_clip_negatives_starts_from_its_tower_and_clip_binding_from_the_folders_clip(tmp_path):
+    """clip-negatives trains a CLIP whose image tower is clip-image's (a new text tower), not a
+    fine-tune of the model folder's CLIP; clip-binding fine-tunes the folder's CLIP, mining negatives."""
     from safetensors.torch import load_file
 
     from pristine.cli import main
@@ -251,34 +251,19 @@ def test_clip_negatives_starts_from_the_clip_image_tower(tmp_path):
         shutil.copytree(MODEL / part, out / part)
     common = ["--corpus-size", "64", "--workdir", str(work), "--out", str(out), "--batch-size", "8"]
     assert main(["mini", "pretrain", "--stage", "clip-image", "--steps", "2", *common]) == 0
+    shipped = load_file(str(MODEL / "clip" / "model.safetensors"))
+    assert main(["mini", "pretrain", "--stage", "clip-binding", "--steps", "2", *common]) == 0  # before clip-negatives rewrites out/clip
+    init = load_file(str(work / "clip_binding" / "init" / "model.safetensors"))
+    assert all(torch.equal(init[k], shipped[k]) for k in shipped)
+    log = [json.loads(line) for line in (work / "clip_binding" / "log.jsonl").read_text().splitlines()]
+    assert any("mined_acc" in r for r in log)  # how often the true caption beats the mined negatives
     assert main(["mini", "pretrain", "--stage", "clip-negatives", "--steps", "1", *common]) == 0
     tower = load_file(str(work / "clip_image" / "tower" / "model.safetensors"))
     init = load_file(str(work / "clip_negatives" / "init" / "model.safetensors"))
-    shipped = load_file(str(MODEL / "clip" / "model.safetensors"))
     key = "vision_model.embeddings.patch_embedding.weight"
     assert torch.equal(init[key], tower[key]) and not torch.allclose(init[key].float(), shipped[key].float())
     log = [json.loads(line) for line in (work / "clip_image" / "log.jsonl").read_text().splitlines()]
     assert {"shape", "color", "background"} <= set(log[-1])  # per-attribute accuracies are logged
-
-
-def test_clip_binding_continues_the_model_folders_clip_with_mined_negatives(tmp_path):
-    """clip-binding fine-tunes out/clip (even where a clip-image tower exists) and logs how often the
-    true caption beats the negatives it mined."""
-    from safetensors.torch import load_file
-
-    from pristine.cli import main
-
-    out, work = tmp_path / "model", tmp_path / "work"
-    for part in ("clip", "tokenizer"):
-        shutil.copytree(MODEL / part, out / part)
-    common = ["--corpus-size", "64", "--workdir", str(work), "--out", str(out), "--batch-size", "8"]
-    assert main(["mini", "pretrain", "--stage", "clip-image", "--steps", "1", *common]) == 0
-    assert main(["mini", "pretrain", "--stage", "clip-binding", "--steps", "2", *common]) == 0
-    init = load_file(str(work / "clip_binding" / "init" / "model.safetensors"))
-    shipped = load_file(str(MODEL / "clip" / "model.safetensors"))
-    assert all(torch.equal(init[k], shipped[k]) for k in shipped)
-    log = [json.loads(line) for line in (work / "clip_binding" / "log.jsonl").read_text().splitlines()]
-    assert any("mined_acc" in r for r in log)
 
 
 def test_per_place_read_outs_train_on_both_towers(tmp_path):
