@@ -145,6 +145,7 @@ STAGE_NEEDS = {  # what a stage reads from the model folder
     "clip-negatives": ("clip", "tokenizer"),
     "clip-binding": ("clip", "tokenizer"),
     "vae-world": ("vae",),
+    "oracle-marks": ("oracle",),
 }
 
 
@@ -164,15 +165,13 @@ def cmd_mini_pretrain(args) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     corpus_size = args.corpus_size or 60000
+    for part in STAGE_NEEDS.get(args.stage, ()):
+        if not (out / part).exists():
+            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-image, clip-negatives, vae-world, oracle")
     if args.stage in ("oracle", "oracle-marks"):
-        if args.stage == "oracle-marks" and not (out / "oracle").exists():
-            raise UsageError(f"{out / 'oracle'} is missing: oracle-marks continues a trained oracle (run --stage oracle first)")
         print(json.dumps(P.pretrain_oracle(workdir, out, settings, n_train=corpus_size, stage=args.stage.replace("-", "_"),
                                             device=getattr(args, "device", "cpu")), indent=2))
         return
-    for part in STAGE_NEEDS.get(args.stage, ()):
-        if not (out / part).exists():
-            raise UsageError(f"{out / part} is missing: run the stages before `{args.stage}` first, in the order vae, clip, unet, unet-joint, clip-image, clip-negatives, vae-world")
     if args.export_now:
         if args.stage not in ("unet", "unet-joint"):
             raise UsageError("--export-now applies to --stage unet and unet-joint (the other stages export when they finish)")
@@ -711,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     mini = sub.add_parser("mini", help="pristine-mini, the embedded model").add_subparsers(dest="mini_command", required=True, parser_class=_Parser)
     pre = mini.add_parser("pretrain", help="pre-train one stage of pristine-mini (resumes when run again)")
     pre.add_argument("--stage", required=True, choices=tuple(STAGE_DEFAULTS),
-                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), clip-binding (out/clip continued with clip-negatives' losses plus per-place read-outs on both towers, for two objects' binding), vae-world (the VAE's decoder continued on the whole world's pixels, markings and the retro style), vae16 (v3's autoencoder from scratch on the whole world: a 4x16x16 latent, which keeps the concepts' markings; the denoiser stages then train on it), oracle, oracle-marks (the oracle continued with a quarter of its renders carrying only dots and rims)")
+                     help="vae, clip, unet, unet-joint (UNet and text encoder together, from unet's output), clip-image (a new CLIP image tower taught every attribute from the world's labels), clip-negatives (the CLIP trained with one-word-swapped captions and zero-shot prompts: from the clip-image tower and a new text tower when clip-image has run, else fine-tuning out/clip), clip-binding (out/clip continued with clip-negatives' losses and, for two-object pictures, the wrong captions it scores highest as extra negatives: two objects' binding), vae-world (the VAE's decoder continued on the whole world's pixels, markings and the retro style), vae16 (v3's autoencoder from scratch on the whole world: a 4x16x16 latent, which keeps the concepts' markings; the denoiser stages then train on it), oracle, oracle-marks (the oracle continued with a quarter of its renders carrying only dots and rims)")
     pre.add_argument("--device", default="cpu", help="cpu (default) or cuda: where a GPU is available, use it for the long stages")
     pre.add_argument("--export-now", action="store_true", help="write the model folder from the stage's latest checkpoint and stop")
     pre.add_argument("--workdir", default="runs/mini", help="checkpoints, logs and the rendered corpus")

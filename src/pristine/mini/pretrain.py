@@ -400,9 +400,9 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     if not init.exists():
         import shutil
 
-        tower = workdir / "clip_image" / "tower"  # fine-tuning out/clip never brought shape back
-        if stage != "clip_negatives":  # a continuation of the shipped CLIP
-            tower = out / "clip"
+        # clip-negatives: the clip-image tower, as fine-tuning out/clip never brought shape back;
+        # a later stage (clip-binding) continues out/clip
+        tower = workdir / "clip_image" / "tower" if stage == "clip_negatives" else out / "clip"
         shutil.copytree(tower if tower.exists() else out / "clip", init)
     tokenizer = load_tokenizer(out / "tokenizer")
     ids = R.TextEncoderCache(tokenizer)
@@ -415,8 +415,7 @@ def pretrain_clip_negatives(workdir: Path, out: Path, corpus: Path, settings: St
     def loss_fn(step, g):
         idx = _batch(len(images), settings.batch_size, g).tolist()
         rng = np.random.default_rng([settings.seed, step])
-        texts = []
-        seeds, drawn = [], []
+        texts, seeds, drawn = [], [], []
         for i in idx:
             seeds.append(int(rng.integers(2**31)))
             extra = mined if len(scenes[i].objects) == 1 else 0  # two objects': mined below
